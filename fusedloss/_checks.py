@@ -1,0 +1,115 @@
+"""Argument checks shared by the losses: every refusal names the argument and the problem.
+
+Value checks that need the data (class indices in range) run only where they cost no host
+synchronisation, i.e. for tensors not on a CUDA device; on CUDA every backend turns an
+out-of-range index into a NaN loss for that position instead of reading out of bounds.
+"""
+import math
+import numbers
+
+import torch
+
+from .ops import REDUCTIONS
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def reduction_code(reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
+    return REDUCTIONS[reduction]
+
+
+def tensor(name, value):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def floating(name, value):
+    tensor(name, value)
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 "
+                        f"or float64), got {value.dtype}")
+    return value
+
+
+def number(name, value, *, low=None, high=None, low_open=False, allow_none=False):
+    """A real Python number within [low, high] (low excluded when low_open)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or math.isinf(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value < low or (low_open and value == low)):
+        bound = f"> {low}" if low_open else f">= {low}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+    return value
+
+
+def same_device(name, value, ref):
+    if value.device != ref.device:
+        raise ValueError(f"{name} is on {value.device} but input is on {ref.device}")
+
+
+def class_vector(name, value, n_classes, input):
+    """A (C,) floating tensor on input's device (weight, per-class alpha)."""
+    floating(name, value)
+    if value.dim() != 1 or value.shape[0] != n_classes:
+        raise ValueError(f"{name} must have shape ({n_classes},), one entry per class, got "
+                         f"{tuple(value.shape)}")
+    same_device(name, value, input)
+    if value.requires_grad:
+        raise ValueError(f"{name} must not require grad: its derivative is not implemented "
+                         "(as in torch.nn.functional.cross_entropy)")
+    return value
+
+
+def class_input(input):
+    """input of shape (C), (N, C) or (N, C, d1, ..., dK): returns (class_dim, C)."""
+    floating("input", input)
+    if input.dim() == 0:
+        raise ValueError("input must have shape (C), (N, C) or (N, C, d1, ..., dK); got a "
+                         "0-dim tensor")
+    class_dim = 0 if input.dim() == 1 else 1
+    return class_dim, input.shape[class_dim]
+
+
+def data_checks(value):
+    """Whether checks that read tensor values may run: not on CUDA (a host sync) and not
+    under torch.compile (a data-dependent branch would break the graph)."""
+    return (value.device.type != "cuda" and value.numel() > 0
+            and not torch.compiler.is_compiling())
+
+
+def class_index_target(target, input, class_dim, n_classes, ignore_index):
+    """Class-index targets: int64 (or uint8, as torch accepts) of input's shape without the
+    class dimension, every entry ignore_index or in [0, C)."""
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise TypeError(f"target must hold class indices as int64 (or uint8), or class "
+                        f"probabilities as a floating tensor; got {target.dtype}")
+    expected = input.shape[:class_dim] + input.shape[class_dim + 1:]
+    if target.shape != expected:
+        raise ValueError(f"target has shape {tuple(target.shape)} but input of shape "
+                         f"{tuple(input.shape)} needs class indices of shape {tuple(expected)}")
+    same_device("target", target, input)
+    if data_checks(target):
+        bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
+        if bool(bad.any()):
+            value = int(target[bad].flatten()[0])
+            raise IndexError(f"target contains the class index {value}, outside [0, "
+                             f"{n_classes}) and not ignore_index ({ignore_index})")
+
+
+def probability_target(target, input, ignore_index):
+    if target.shape != input.shape:
+        raise ValueError(f"target holds class probabilities (a floating tensor), so it must "
+                         f"have input's shape {tuple(input.shape)}; got {tuple(target.shape)}")
+    same_device("target", target, input)
+    if ignore_index != -100:
+        raise ValueError("ignore_index is not supported with class-probability (floating) "
+                         "targets, as in torch")

@@ -1,0 +1,163 @@
+"""The pure-PyTorch reference for every loss: the oracle the kernels are tested against,
+and the fallback where no kernel serves.
+
+Plain, readable PyTorch, differentiated by autograd. Computes in float64 for float64
+inputs and in float32 otherwise, and returns the input's dtype. Arguments are assumed
+valid: the public functions in fusedloss validate them before calling here.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def transform_logits(x, logit_scale=1.0, softcap=None):
+    """z = logit_scale * x, then softcap * tanh(z / softcap) when softcap is set."""
+    z = x * logit_scale if logit_scale != 1.0 else x
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z
+
+
+def safe_pow(base, gamma):
+    """base ** gamma for base >= 0 whose gradient is finite at base == 0 for every gamma >= 0.
+
+    (d/db b^g = g b^(g-1) is infinite at b = 0 for g < 1; in the focal losses it multiplies
+    a factor that is 0 there, and autograd would form inf * 0 = NaN.)
+    """
+    if gamma == 0:
+        return torch.ones_like(base)
+    tiny = torch.finfo(base.dtype).tiny
+    positive = base > 0
+    return torch.where(positive, base.clamp_min(tiny) ** gamma, torch.zeros_like(base))
+
+
+def _class_view(vec, ndim, class_dim):
+    """A (C,) tensor shaped to broadcast along the class dimension of an ndim input."""
+    shape = [1] * ndim
+    shape[class_dim] = -1
+    return vec.view(shape)
+
+
+def _reduce(rows, reduction, denominator):
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    if not isinstance(denominator, torch.Tensor):
+        return total / denominator
+    # As torch's nll_loss: with nothing counted the mean is NaN, yet the gradient is 0.
+    safe = denominator.clamp_min(torch.finfo(total.dtype).tiny)
+    return torch.where(denominator > 0, total / safe, torch.full_like(total, float("nan")))
+
+
+def _class_target_terms(logp, target, weight, ignore_index, class_dim):
+    """log p of the target class, the target's weight (0 where ignored), the mask of
+    counted positions, and the target made safe to index with.
+
+    A target outside [0, C) that is not ignore_index gives NaN (never an out-of-bounds
+    read: on CUDA that would be a device assert), as the kernels do.
+    """
+    n_classes = logp.shape[class_dim]
+    valid = target != ignore_index
+    in_range = (target >= 0) & (target < n_classes)
+    safe_target = torch.where(valid & in_range, target, torch.zeros_like(target))
+    logp_t = logp.gather(class_dim, safe_target.unsqueeze(class_dim)).squeeze(class_dim)
+    logp_t = torch.where(valid & ~in_range, torch.full_like(logp_t, float("nan")), logp_t)
+    w_t = weight[safe_target] if weight is not None else torch.ones_like(logp_t)
+    return logp_t, w_t * valid, valid, safe_target
+
+
+def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
+                  label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=1.0):
+    """torch.nn.functional.cross_entropy plus logit_scale, softcap and z_loss.
+
+    Returns (loss, lse), lse being the per-position log-sum-exp of the transformed logits
+    (shape of the target positions, accumulation dtype).
+    """
+    acc = acc_dtype(input.dtype)
+    class_dim = 0 if input.dim() == 1 else 1
+    n_classes = input.shape[class_dim]
+    z = transform_logits(input.to(acc), logit_scale, softcap)
+    lse = torch.logsumexp(z, dim=class_dim)
+    logp = z - lse.unsqueeze(class_dim)
+    w = weight.to(acc) if weight is not None else None
+    eps = label_smoothing
+
+    if target.is_floating_point():
+        t = target.to(acc)
+        if eps > 0:
+            t = t * (1 - eps) + eps / n_classes
+        if w is not None:
+            t = t * _class_view(w, z.dim(), class_dim)
+        rows = -(t * logp).sum(class_dim) + z_loss * lse ** 2
+        denominator = rows.numel()  # torch: the mean over positions, weights or not
+    else:
+        logp_t, w_t, valid, _ = _class_target_terms(logp, target.long(), w, ignore_index,
+                                                    class_dim)
+        rows = -(1 - eps) * w_t * logp_t
+        if eps > 0:
+            wlogp = logp * _class_view(w, z.dim(), class_dim) if w is not None else logp
+            rows = rows - (eps / n_classes) * wlogp.sum(class_dim) * valid
+        rows = rows + z_loss * w_t * lse ** 2
+        denominator = w_t.sum()
+    return _reduce(rows, reduction, denominator).to(input.dtype), lse
+
+
+def focal_loss(input, target, gamma=2.0, alpha=None, weight=None, ignore_index=-100,
+               reduction="mean"):
+    """Softmax focal loss: -alpha_t (1 - p_t)^gamma log p_t, class-index targets.
+
+    alpha: None, a float, or a (C,) tensor (alpha_t = alpha[target]). weight acts as in
+    cross_entropy: it multiplies each term, and the mean divides by the summed weights of
+    the counted targets; alpha does not enter the denominator.
+    """
+    acc = acc_dtype(input.dtype)
+    class_dim = 0 if input.dim() == 1 else 1
+    logp = torch.log_softmax(input.to(acc), dim=class_dim)
+    w = weight.to(acc) if weight is not None else None
+    logp_t, w_t, valid, safe_target = _class_target_terms(logp, target.long(), w,
+                                                          ignore_index, class_dim)
+    q = -torch.expm1(logp_t)  # 1 - p_t, accurate as p_t -> 1
+    rows = -w_t * safe_pow(q, gamma) * logp_t
+    if isinstance(alpha, torch.Tensor):
+        rows = rows * alpha.to(acc)[safe_target]
+    elif alpha is not None:
+        rows = rows * alpha
+    return _reduce(rows, reduction, w_t.sum()).to(input.dtype)
+
+
+def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none"):
+    """torchvision.ops.sigmoid_focal_loss, computed stably from the logits."""
+    acc = acc_dtype(inputs.dtype)
+    x, t = inputs.to(acc), targets.to(acc)
+    ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+    m = torch.sigmoid(x) * (1 - t) + torch.sigmoid(-x) * t  # 1 - p_t
+    loss = ce * safe_pow(m, gamma)
+    if alpha >= 0:
+        loss = loss * (alpha * t + (1 - alpha) * (1 - t))
+    return _reduce(loss, reduction, loss.numel()).to(inputs.dtype)
+
+
+def info_nce(query, key, temperature=0.07, logit_scale=None, labels=None, negatives=None,
+             symmetric=False, reduction="mean"):
+    """InfoNCE over logits = query @ [key; negatives]^T * scale, scale = 1/temperature or
+    logit_scale. Row i's positive is labels[i] (i by default). symmetric averages the
+    query->key and key->query losses of each pair (diagonal pairing, keys only)."""
+    acc = acc_dtype(query.dtype)
+    keys = key if negatives is None else torch.cat([key, negatives.to(key.dtype)])
+    scale = logit_scale.to(acc) if logit_scale is not None else 1.0 / temperature
+    logits = (query.to(acc) @ keys.to(acc).T) * scale
+    n = query.shape[0]
+    if labels is None:
+        labels = torch.arange(n, device=query.device)
+    rows = F.cross_entropy(logits, labels, reduction="none")
+    if symmetric:
+        m = key.shape[0]
+        cols = F.cross_entropy(logits[:, :m].T, torch.arange(m, device=query.device),
+                               reduction="none")
+        rows = (rows + cols) / 2
+    return _reduce(rows, reduction, rows.numel()).to(query.dtype)

@@ -1,0 +1,73 @@
+"""Backend parametrization shared by every loss's tests.
+
+Each test taking the `backend` fixture runs once per backend, on the device that backend
+serves here: "reference" and "cpu" on the CPU; "triton" on CUDA, or on the CPU under
+TRITON_INTERPRET=1; "cuda" on CUDA. A backend this machine lacks is skipped with the
+reason, unless FUSEDLOSS_REQUIRE_BACKENDS names it (CI does: a missing build then fails
+instead of silently skipping).
+"""
+import os
+
+import pytest
+import torch
+
+from fusedloss import _backends
+
+REQUIRED = {b for b in os.environ.get("FUSEDLOSS_REQUIRE_BACKENDS", "").split(",") if b}
+
+
+def backend_device(backend):
+    if backend in ("triton", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    if backend == "cuda":
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _skip_or_fail(backend, why):
+    if backend in REQUIRED:
+        pytest.fail(f"backend {backend!r} is required here (FUSEDLOSS_REQUIRE_BACKENDS) but "
+                    f"unavailable: {why}")
+    pytest.skip(f"backend {backend!r} unavailable: {why}")
+
+
+def _available(name):
+    why = _backends.unavailable_reason(name, backend_device(name))
+    if why is not None:
+        _skip_or_fail(name, why)
+    return name
+
+
+@pytest.fixture(params=list(_backends.BACKENDS))
+def backend(request):
+    return _available(request.param)
+
+
+@pytest.fixture(params=[b for b in _backends.BACKENDS if b != "reference"])
+def kernel_backend(request):
+    """The backends that run through torch.library ops (everything but the reference)."""
+    return _available(request.param)
+
+
+@pytest.fixture
+def device(request):
+    name = request.node.callspec.params.get("backend") or \
+        request.node.callspec.params.get("kernel_backend")
+    return backend_device(name)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tolerances(dtype):
+    """(rtol, atol) against a float64 oracle."""
+    return {torch.float64: (1e-9, 1e-12), torch.float32: (1e-5, 1e-6),
+            torch.bfloat16: (2e-2, 2e-2), torch.float16: (4e-3, 4e-3)}[dtype]
+
+
+def assert_close(actual, expected, dtype=None, **kwargs):
+    rtol, atol = tolerances(dtype or actual.dtype)
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=rtol,
+                               atol=atol, equal_nan=True, **kwargs)
