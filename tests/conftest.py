@@ -8,10 +8,17 @@ instead of silently skipping).
 """
 import os
 
-import pytest
 import torch
 
-from fusedloss import _backends
+# Without a GPU, the Triton backend is tested in Triton's interpreter on CPU tensors. The
+# flag must be set before any @triton.jit kernel is defined, i.e. before fusedloss imports
+# its kernels (it does so lazily, on first use).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fusedloss import _backends  # noqa: E402
 
 REQUIRED = {b for b in os.environ.get("FUSEDLOSS_REQUIRE_BACKENDS", "").split(",") if b}
 

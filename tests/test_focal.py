@@ -1,0 +1,154 @@
+"""Softmax focal loss against a formula written here (not fusedloss.reference)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedloss
+from conftest import assert_close
+
+
+def focal_formula(x, t, gamma, alpha, weight, ignore_index, reduction):
+    """-alpha_t (1 - p_t)^gamma log p_t, straight from the definition, float64."""
+    class_dim = 0 if x.dim() == 1 else 1
+    logp = torch.log_softmax(x.double(), class_dim)
+    counted = t != ignore_index
+    safe = torch.where(counted, t, torch.zeros_like(t))
+    logp_t = logp.gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)
+    p_t = logp_t.exp()
+    terms = -((1 - p_t) ** gamma) * logp_t
+    if isinstance(alpha, torch.Tensor):
+        terms = terms * alpha.double()[safe]
+    elif alpha is not None:
+        terms = terms * alpha
+    w_t = weight.double()[safe] if weight is not None else torch.ones_like(terms)
+    w_t = w_t * counted
+    terms = terms * w_t
+    if reduction == "none":
+        return terms
+    return terms.sum() if reduction == "sum" else terms.sum() / w_t.sum()
+
+
+SHAPES = [(37,), (6, 37), (5, 300), (3, 37, 4)]
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("alpha_kind", ["none", "float", "tensor"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_formula(backend, device, shape, weighted, alpha_kind, reduction):
+    class_dim = 0 if len(shape) == 1 else 1
+    c = shape[class_dim]
+    x = torch.randn(shape, dtype=torch.float64, device=device) * 3
+    t = torch.randint(0, c, shape[:class_dim] + shape[class_dim + 1:], device=device)
+    if t.dim() and t.numel() > 2:
+        t.view(-1)[1::4] = -100
+    alpha = {"none": None, "float": 0.25,
+             "tensor": torch.rand(c, dtype=torch.float64, device=device)}[alpha_kind]
+    w = torch.rand(c, dtype=torch.float64, device=device) + 0.3 if weighted else None
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = fusedloss.focal_loss(xa, t, 1.5, alpha, w, reduction=reduction, backend=backend)
+    expected = focal_formula(xb, t, 1.5, alpha, w, -100, reduction)
+    assert ours.shape == expected.shape
+    assert_close(ours, expected)
+    g = torch.randn_like(ours)
+    (ours * g).sum().backward()
+    (expected * g).sum().backward()
+    assert_close(xa.grad, xb.grad)
+
+
+def test_float32_and_ignore_index(backend, device):
+    x = torch.randn(7, 300, device=device) * 2
+    t = torch.randint(0, 300, (7,), device=device)
+    t[2] = 5
+    xa, xb = x.clone().requires_grad_(), x.clone().double().requires_grad_()
+    ours = fusedloss.focal_loss(xa, t, gamma=2.0, ignore_index=5, backend=backend)
+    expected = focal_formula(xb, t, 2.0, None, None, 5, "mean")
+    assert_close(ours, expected, torch.float32)
+    ours.backward()
+    expected.backward()
+    assert_close(xa.grad, xb.grad, torch.float32)
+
+
+def test_gamma_zero_is_cross_entropy(backend, device):
+    x = torch.randn(6, 37, 3, dtype=torch.float64, device=device)
+    t = torch.randint(0, 37, (6, 3), device=device)
+    t[0, 0] = -100
+    w = torch.rand(37, dtype=torch.float64, device=device)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = fusedloss.focal_loss(xa, t, gamma=0.0, weight=w, backend=backend)
+    expected = F.cross_entropy(xb, t, w)
+    assert_close(ours, expected)
+    ours.backward()
+    expected.backward()
+    assert_close(xa.grad, xb.grad)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 0.5, 1.0, 2.0])
+def test_gradient_finite_when_confident(backend, device, gamma):
+    """p_t -> 1 (a margin of 60 and 800): (1 - p_t)^(gamma - 1) would be inf for gamma < 1."""
+    x = torch.zeros(4, 50, dtype=torch.float64, device=device)
+    t = torch.tensor([0, 1, 2, 3], device=device)
+    x[0, 0] = x[1, 1] = 60.0
+    x[2, 2] = x[3, 3] = 800.0
+    for dtype in (torch.float64, torch.float32):
+        xa = x.to(dtype).detach().requires_grad_()
+        loss = fusedloss.focal_loss(xa, t, gamma=gamma, backend=backend)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(xa.grad).all()
+
+
+def test_gradcheck(backend, device):
+    x = torch.randn(4, 9, 2, dtype=torch.float64, device=device, requires_grad=True)
+    t = torch.tensor([[1, -100], [8, 0], [5, 5], [2, 3]], device=device)
+    alpha = torch.rand(9, dtype=torch.float64, device=device)
+    w = torch.rand(9, dtype=torch.float64, device=device) + 0.5
+    for gamma in (0.5, 2.0):
+        f = lambda x: fusedloss.focal_loss(x, t, gamma, alpha, w, reduction="none",
+                                           backend=backend)
+        assert torch.autograd.gradcheck(f, (x,))
+
+
+def test_module(backend, device):
+    alpha = torch.rand(11, device=device)
+    m = fusedloss.FocalLoss(gamma=2.0, alpha=alpha, reduction="sum", backend=backend)
+    x = torch.randn(5, 11, device=device)
+    t = torch.randint(0, 11, (5,), device=device)
+    assert_close(m(x, t), focal_formula(x, t, 2.0, alpha, None, -100, "sum"), torch.float32)
+    assert "alpha" in dict(m.named_buffers())
+
+
+def test_torch_compile_and_opcheck(kernel_backend, device):
+    from fusedloss import ops
+    x = torch.randn(4, 33, 2, device=device, requires_grad=True)
+    t = torch.tensor([[0, 5], [-100, 32], [7, 1], [2, 3]], device=device)
+    alpha = torch.rand(33, device=device)
+    compiled = torch.compile(lambda x: fusedloss.focal_loss(x, t, 2.0, alpha,
+                                                            backend=kernel_backend),
+                             fullgraph=True)
+    ya = compiled(x)
+    yb = focal_formula(x, t, 2.0, alpha, None, -100, "mean")
+    assert_close(ya, yb, torch.float32)
+    ns = ops.namespace(kernel_backend)
+    for red in (0, 1):
+        torch.library.opcheck(ns.focal_loss, (x, t.view(-1), alpha, None,
+                                              torch.tensor(0.2, device=device), 0.7, -100,
+                                              red, True))
+
+
+def test_bad_input(backend, device):
+    x = torch.randn(4, 5, device=device)
+    t = torch.tensor([0, 1, 2, 3], device=device)
+    cases = [
+        (dict(gamma=-1.0), ValueError, "gamma"),
+        (dict(alpha=torch.rand(4, device=device)), ValueError, "alpha"),
+        (dict(weight=torch.rand(3, device=device)), ValueError, "weight"),
+        (dict(target=torch.tensor([0, 1, 2, 5], device=device)), IndexError, "target"),
+        (dict(target=torch.rand(4, 5, device=device)), TypeError, "target"),
+        (dict(target=t[:3]), ValueError, "target"),
+        (dict(reduction="max"), ValueError, "reduction"),
+    ]
+    for kwargs, error, name in cases:
+        args = dict(input=x, target=t)
+        args.update(kwargs)
+        with pytest.raises(error, match=name):
+            fusedloss.focal_loss(backend=backend, **args)

@@ -1,0 +1,164 @@
+"""InfoNCE against the N x M logits formula (as open_clip computes it), written here."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedloss
+from conftest import assert_close
+
+
+def logits_formula(q, k, scale, labels=None, negatives=None, symmetric=False,
+                   reduction="mean"):
+    keys = k if negatives is None else torch.cat([k, negatives])
+    logits = scale * q @ keys.T
+    n, m = q.shape[0], k.shape[0]
+    labels = torch.arange(n, device=q.device) if labels is None else labels
+    loss = F.cross_entropy(logits, labels, reduction="none")
+    if symmetric:
+        loss = (loss + F.cross_entropy(logits[:, :m].T, torch.arange(m, device=q.device),
+                                       reduction="none")) / 2
+    return {"none": loss, "mean": loss.mean(), "sum": loss.sum()}[reduction]
+
+
+CASES = {
+    "diagonal": dict(n=9, m=9),
+    "more_keys": dict(n=7, m=20),
+    "labels": dict(n=11, m=6, labels=True),
+    "negatives": dict(n=9, m=9, e=13),
+    "labels_negatives": dict(n=5, m=4, e=7, labels=True),
+    "symmetric": dict(n=17, m=17, symmetric=True),
+    "symmetric_negatives": dict(n=10, m=10, e=5, symmetric=True),
+}
+
+
+def make(case, dtype, device, d=24):
+    c = CASES[case]
+    n, m, e = c["n"], c["m"], c.get("e", 0)
+    q = F.normalize(torch.randn(n, d, dtype=torch.float64), dim=1).to(dtype).to(device)
+    k = F.normalize(torch.randn(m, d, dtype=torch.float64), dim=1).to(dtype).to(device)
+    neg = (F.normalize(torch.randn(e, d, dtype=torch.float64), dim=1).to(dtype).to(device)
+           if e else None)
+    labels = torch.randint(0, m + e, (n,), device=device) if c.get("labels") else None
+    return q, k, neg, labels, c.get("symmetric", False)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_formula_float64(backend, device, case, reduction):
+    q, k, neg, labels, sym = make(case, torch.float64, device)
+    scale = torch.tensor(7.5, dtype=torch.float64, device=device)
+    leaves = [q, k, scale] + ([neg] if neg is not None else [])
+    a = [t.clone().requires_grad_() for t in leaves]
+    b = [t.clone().requires_grad_() for t in leaves]
+    ours = fusedloss.info_nce(a[0], a[1], logit_scale=a[2], labels=labels,
+                              negatives=a[3] if neg is not None else None, symmetric=sym,
+                              reduction=reduction, backend=backend)
+    expected = logits_formula(b[0], b[1], b[2], labels, b[3] if neg is not None else None,
+                              sym, reduction)
+    assert ours.shape == expected.shape
+    assert_close(ours, expected)
+    g = torch.randn_like(ours)
+    (ours * g).sum().backward()
+    (expected * g).sum().backward()
+    for ta, tb in zip(a, b):
+        assert_close(ta.grad, tb.grad)
+
+
+@pytest.mark.parametrize("case", ["diagonal", "symmetric_negatives", "labels"])
+def test_float32_with_temperature(backend, device, case):
+    q, k, neg, labels, sym = make(case, torch.float32, device, d=40)
+    qa, ka = q.clone().requires_grad_(), k.clone().requires_grad_()
+    qb, kb = q.double().requires_grad_(), k.double().requires_grad_()
+    ours = fusedloss.info_nce(qa, ka, temperature=0.1, labels=labels, negatives=neg,
+                              symmetric=sym, backend=backend)
+    expected = logits_formula(qb, kb, 10.0, labels,
+                              neg.double() if neg is not None else None, sym)
+    assert_close(ours, expected, torch.float32)
+    ours.backward()
+    expected.backward()
+    assert_close(qa.grad, qb.grad, torch.float32)
+    assert_close(ka.grad, kb.grad, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision(backend, device, dtype):
+    """Half inputs, fp32 accumulation: error no worse than twice the error of the same
+    formula evaluated by torch in that dtype."""
+    q, k, _, _, _ = make("symmetric", dtype, device, d=64)
+    ours = fusedloss.info_nce(q, k, temperature=0.05, symmetric=True, reduction="none",
+                              backend=backend)
+    exact = logits_formula(q.double(), k.double(), 20.0, symmetric=True, reduction="none")
+    if device.type == "cpu" and dtype == torch.float16:
+        torchs = logits_formula(q.float(), k.float(), 20.0, symmetric=True,
+                                reduction="none").to(dtype)  # no fp16 matmul on some CPUs
+    else:
+        torchs = logits_formula(q, k, 20.0, symmetric=True, reduction="none")
+    err_ours = (ours.double() - exact).abs().max()
+    err_torch = (torchs.double() - exact).abs().max()
+    assert ours.dtype == dtype
+    assert err_ours <= 2 * err_torch + 1e-3, (err_ours, err_torch)
+
+
+def test_gradcheck(backend, device):
+    q, k, neg, _, _ = make("symmetric_negatives", torch.float64, device, d=6)
+    scale = torch.tensor(3.0, dtype=torch.float64, device=device)
+    leaves = [t.requires_grad_() for t in (q, k, neg, scale)]
+    f = lambda q, k, neg, s: fusedloss.info_nce(q, k, logit_scale=s, negatives=neg,
+                                                symmetric=True, reduction="none",
+                                                backend=backend)
+    assert torch.autograd.gradcheck(f, leaves)
+
+
+def test_module_learns_logit_scale(backend, device):
+    m = fusedloss.InfoNCELoss(temperature=0.1, learn_logit_scale=True, symmetric=True,
+                              backend=backend).to(device)
+    q, k, _, _, _ = make("symmetric", torch.float32, device)
+    loss = m(q, k)
+    loss.backward()
+    assert m.logit_scale.grad is not None and torch.isfinite(m.logit_scale.grad)
+    assert_close(loss, logits_formula(q.double(), k.double(), 10.0, symmetric=True),
+                 torch.float32)
+
+
+def test_compile_and_opcheck(kernel_backend, device):
+    from fusedloss import ops
+    q, k, neg, _, _ = make("symmetric_negatives", torch.float32, device)
+    scale = torch.tensor(5.0, device=device, requires_grad=True)
+    qa = q.clone().requires_grad_()
+    f = lambda q: fusedloss.info_nce(q, k, logit_scale=scale, negatives=neg, symmetric=True,
+                                     backend=kernel_backend)
+    y = torch.compile(f, fullgraph=True)(qa)
+    assert_close(y, logits_formula(q.double(), k.double(), 5.0, None, neg.double(), True),
+                 torch.float32)
+    ns = ops.namespace(kernel_backend)
+    q.requires_grad_()
+    torch.library.opcheck(ns.info_nce, (q, k, neg, None, scale, True))
+    labels = torch.tensor([0, 3, 14, 2, 1, 9, 8, 7, 6, 5], device=device)
+    torch.library.opcheck(ns.info_nce, (q, k, neg, labels, scale, False))
+
+
+def test_bad_input(backend, device):
+    q = torch.randn(4, 8, device=device)
+    k = torch.randn(4, 8, device=device)
+    cases = [
+        (dict(key=torch.randn(4, 7, device=device)), ValueError, "D="),
+        (dict(key=torch.randn(3, 8, device=device)), ValueError, "N <= M"),
+        (dict(temperature=0.0), ValueError, "temperature"),
+        (dict(temperature=-1.0), ValueError, "temperature"),
+        (dict(labels=torch.tensor([0, 1, 2, 4], device=device)), IndexError, "labels"),
+        (dict(labels=torch.tensor([0, 1, 2], device=device)), ValueError, "labels"),
+        (dict(labels=torch.tensor([0, 1, 2, 3], device=device).int()), TypeError, "labels"),
+        (dict(labels=torch.tensor([0, 1, 2, 3], device=device), symmetric=True), ValueError,
+         "symmetric"),
+        (dict(negatives=torch.randn(5, 9, device=device)), ValueError, "negatives"),
+        (dict(key=k.double()), TypeError, "key"),
+        (dict(query=torch.randn(4, 8, 1, device=device)), ValueError, "query"),
+        (dict(logit_scale=torch.ones(2, device=device)), ValueError, "logit_scale"),
+        (dict(reduction="avg"), ValueError, "reduction"),
+    ]
+    for kwargs, error, name in cases:
+        args = dict(query=q, key=k)
+        args.update(kwargs)
+        query, key = args.pop("query"), args.pop("key")
+        with pytest.raises(error, match=name):
+            fusedloss.info_nce(query, key, backend=backend, **args)
