@@ -1,0 +1,169 @@
+"""fusedloss-bench / python -m benchmarks: time and memory of every loss, every provider.
+
+    python -m benchmarks                      # the suite that suits this machine
+    python -m benchmarks --loss cross_entropy --shapes 4096x32000 --label-smoothing 0.1
+    python -m benchmarks --providers cpu torch --repeats 3 --out /tmp/bench
+    python -m benchmarks --plot-only benchmarks/results/latest-cpu.json
+"""
+import argparse
+import datetime
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import cases as cases_mod, measure, providers as providers_mod, report
+
+
+def _names(values):
+    """['a,b', 'c'] -> ['a', 'b', 'c']: lists may be given with spaces or commas."""
+    return [name for value in values or [] for name in value.split(",") if name]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="fusedloss-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"],
+                   help="default: cuda when available, else cpu")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                      help="the small suite (the default on a CPU)")
+    size.add_argument("--full", action="store_true",
+                      help="the large suite (the default on a GPU)")
+    p.add_argument("--loss", nargs="+", action="extend", metavar="LOSS",
+                   help=f"losses to run (default all): {', '.join(cases_mod.LOSSES)}")
+    p.add_argument("--shapes", type=cases_mod.parse_shapes, metavar="NxC[,NxC...]",
+                   help="run these shapes instead of the suite (C is V, or D for info_nce)")
+    p.add_argument("--dtype", nargs="+", action="extend",
+                   help="float32, bfloat16, float16 (default: the suite's; with --shapes "
+                        "float32 on a CPU, bfloat16 on a GPU)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="with --shapes")
+    p.add_argument("--ignore-frac", type=float, default=0.0,
+                   help="with --shapes: fraction of rows with target ignore_index")
+    p.add_argument("--symmetric", action="store_true", help="with --shapes: info_nce both ways")
+    p.add_argument("--providers", "--backends", nargs="+", action="extend",
+                   dest="providers", metavar="NAME",
+                   help="providers to run, by name or bare fusedloss backend name "
+                        f"({', '.join(p.name for p in providers_mod.PROVIDERS)}); "
+                        "default: all but fusedloss-reference")
+    p.add_argument("--repeats", type=int,
+                   help="timed steps per provider (default "
+                        f"{measure.REPEATS['cpu']} on a CPU, {measure.REPEATS['cuda']} on a GPU)")
+    p.add_argument("--out", type=Path, help="results directory (default benchmarks/results/)")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--plot-only", type=Path, metavar="FILE",
+                   help="re-plot a results .json/.csv (next to it) and print its table")
+    p.add_argument("--list", action="store_true", help="print the plan and exit")
+    args = p.parse_args(argv)
+    args.loss, args.dtype, args.providers = map(_names, (args.loss, args.dtype, args.providers))
+    return args
+
+
+def default_out_dir():
+    """benchmarks/results/ of a source checkout; ./fusedloss-bench-results otherwise (an
+    installed package must not write into site-packages)."""
+    here = Path(__file__).resolve().parent
+    return here / "results" if (here.parent / ".git").exists() else Path("fusedloss-bench-results")
+
+
+def _git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _versions():
+    import fusedloss
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "absent"
+    return {"torch_version": torch.__version__, "triton_version": triton_version,
+            "fusedloss_version": getattr(fusedloss, "__version__", "unknown"),
+            "git_commit": _git_commit()}
+
+
+def _progress(total):
+    try:
+        from tqdm import tqdm
+        return tqdm(total=total, unit="run", dynamic_ncols=True)
+    except ImportError:  # tqdm comes with the "bench" extra; without it, a line per row
+        class Lines:
+            def update(self, n=1):
+                pass
+
+            def set_postfix_str(self, text):
+                print(text, file=sys.stderr, flush=True)
+
+            def close(self):
+                pass
+        return Lines()
+
+
+def plot_only(path):
+    rows, meta, notes = report.load(path)
+    print(f"{report.summary(meta)}\n\n{report.table(rows)}")
+    for png in report.plot(rows, path.parent, path.stem):
+        print(f"wrote {png}")
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.plot_only:
+        return plot_only(args.plot_only)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available() and not args.list:
+        sys.exit("fusedloss-bench: --device cuda, but torch sees no CUDA device")
+    suite = "full" if args.full else "quick" if args.quick else \
+        ("quick" if device == "cpu" else "full")
+    cases = cases_mod.select_cases(device, suite, args.loss, args.dtype, args.shapes,
+                                   label_smoothing=args.label_smoothing,
+                                   ignore_frac=args.ignore_frac, symmetric=args.symmetric)
+    runs, notes = providers_mod.plan(providers_mod.select(args.providers), device, cases)
+    repeats = args.repeats or measure.REPEATS[device]
+    total = sum(len(able) for _, able in runs)
+    print(f"fusedloss-bench: {len(cases)} cases ({device}, {suite if not args.shapes else 'custom'}"
+          f" suite), {total} provider runs, {repeats} timed steps each")
+    for note in notes:
+        print(f"  not run: {note}")
+    if args.list:
+        for case, able in runs:
+            print(f"  {case.loss:14} {f'{case.n}x{case.c}':13} {case.dtype:9} "
+                  f"{case.options:15} {', '.join(p.name for p in able)}")
+        return 0
+
+    started = time.perf_counter()
+    meta = {"timestamp": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "device": device, "suite": suite, "repeats": repeats, "argv": sys.argv[1:],
+            **_versions(), **measure.probe_device(device)}
+    bar = _progress(total)
+    rows = []
+    try:
+        for case, able in runs:
+            bar.set_postfix_str(f"{case.loss} {case.n}x{case.c} {case.dtype} {case.options}")
+            rows += measure.run_case_isolated(case, able, device, repeats,
+                                              measure.WARMUP[device],
+                                              on_row=lambda row: bar.update(1))
+    finally:
+        bar.close()
+    rows = report.finalize(rows, meta)
+    out = args.out or default_out_dir()
+    meta["wall_s"] = round(time.perf_counter() - started, 1)
+    paths = report.write(rows, meta, notes, out)
+    if not args.no_plots:
+        paths += report.plot(rows, out, f"latest-{report.device_tag(meta)}")
+    print(f"\n{report.summary(meta)}\n\n{report.table(rows)}\n")
+    for path in paths:
+        print(f"wrote {path}")
+    print(f"wall time {meta['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

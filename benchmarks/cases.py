@@ -1,0 +1,179 @@
+"""What is measured: the benchmark cases, their inputs, and the bytes and FLOPs each must move.
+
+A case is one loss at one size, dtype and option set. `shape` is (N, C): N rows and C
+classes (the vocabulary V for cross-entropy) for the softmax losses, N anchors by C
+classes for sigmoid focal, and N (query, key) pairs of dimension D = C for InfoNCE.
+"""
+import dataclasses
+import itertools
+
+import torch
+
+LOSSES = ("cross_entropy", "focal", "sigmoid_focal", "info_nce")
+ALIASES = {"ce": "cross_entropy", "softmax_focal": "focal", "infonce": "info_nce"}
+IGNORE_INDEX = -100
+DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+# Axis labels for tables and plots: (what N is, what C is).
+AXES = {"cross_entropy": ("N rows", "V classes"), "focal": ("N rows", "C classes"),
+        "sigmoid_focal": ("N anchors", "C classes"), "info_nce": ("N pairs", "D dim")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    loss: str
+    n: int
+    c: int
+    dtype: str = "float32"
+    label_smoothing: float = 0.0   # cross_entropy
+    ignore_frac: float = 0.0       # cross_entropy, focal: this fraction of rows is ignored
+    symmetric: bool = False        # info_nce: both directions
+
+    @property
+    def torch_dtype(self):
+        return getattr(torch, self.dtype)
+
+    @property
+    def options(self):
+        """The options, short, for tables: 'ls=0.1 ign=25%', 'sym', or ''."""
+        parts = []
+        if self.label_smoothing:
+            parts.append(f"ls={self.label_smoothing:g}")
+        if self.ignore_frac:
+            parts.append(f"ign={self.ignore_frac:.0%}")
+        if self.symmetric:
+            parts.append("sym")
+        return " ".join(parts)
+
+    def loss_kwargs(self):
+        """Keyword arguments of the fusedloss call; the eager baselines read the same."""
+        if self.loss == "cross_entropy":
+            return {"label_smoothing": self.label_smoothing, "ignore_index": IGNORE_INDEX}
+        if self.loss == "focal":
+            return {"gamma": 2.0, "ignore_index": IGNORE_INDEX}
+        if self.loss == "sigmoid_focal":
+            return {"alpha": 0.25, "gamma": 2.0, "reduction": "mean"}
+        return {"temperature": 0.07, "symmetric": self.symmetric}
+
+    def make_inputs(self, device):
+        """The loss's positional tensor arguments; the floating ones require grad."""
+        gen = torch.Generator(device=device).manual_seed(0)
+        n, c, dtype = self.n, self.c, self.torch_dtype
+        if self.loss == "info_nce":
+            q, k = (torch.nn.functional.normalize(
+                torch.randn(n, c, device=device, generator=gen), dim=1).to(dtype)
+                for _ in range(2))
+            return q.requires_grad_(), k.requires_grad_()
+        x = torch.randn(n, c, device=device, dtype=dtype, generator=gen).requires_grad_()
+        if self.loss == "sigmoid_focal":
+            target = (torch.rand(n, c, device=device, generator=gen) < 0.05).to(dtype)
+            return x, target
+        target = torch.randint(0, c, (n,), device=device, generator=gen)
+        ignored = torch.randperm(n, device=device, generator=gen)[:round(self.ignore_frac * n)]
+        target[ignored] = IGNORE_INDEX
+        return x, target
+
+    def min_bytes(self):
+        """Bytes fwd+bwd must move at the least: every input read once, every gradient
+        written once (for the softmax losses: the logits, their gradient, the targets)."""
+        s = self.torch_dtype.itemsize
+        if self.loss == "info_nce":
+            return 2 * 2 * self.n * self.c * s      # read q, k; write dq, dk
+        if self.loss == "sigmoid_focal":
+            return 3 * self.n * self.c * s          # read x, targets; write dx
+        return 2 * self.n * self.c * s + 8 * self.n  # read x, write dx, read int64 targets
+
+    def flops(self):
+        """Matmul FLOPs of fwd+bwd for InfoNCE (logits, dq, dk: 3 x 2 N^2 D), else 0."""
+        return 6 * self.n * self.n * self.c if self.loss == "info_nce" else 0
+
+
+def _grid(loss, ns, cs, dtypes, **options):
+    return [Case(loss, n, c, dtype, **options)
+            for dtype, n, c in itertools.product(dtypes, ns, cs)]
+
+
+# The one table of cases: (device type, suite) -> cases. A CPU runs float32 only.
+# Sweeps with >= 3 sizes get plots of time and memory against that size.
+SUITES = {
+    ("cpu", "quick"): [  # a few minutes on 2 cores, torch.compile warm-up included
+        *_grid("cross_entropy", [1024], [8192, 16384, 32000, 65536], ["float32"]),
+        Case("cross_entropy", 4096, 32000, label_smoothing=0.1),  # the C++ kernel's target
+        Case("cross_entropy", 4096, 32000, label_smoothing=0.1, ignore_frac=0.25),
+        Case("focal", 4096, 8192),
+        Case("sigmoid_focal", 65536, 80),
+        *_grid("info_nce", [2048], [512], ["float32"], symmetric=False),
+        *_grid("info_nce", [2048], [512], ["float32"], symmetric=True),
+    ],
+    ("cpu", "full"): [
+        *_grid("cross_entropy", [1024], [8192, 16384, 32000, 65536, 128256], ["float32"]),
+        *_grid("cross_entropy", [1024, 2048, 4096, 8192], [32000], ["float32"],
+               label_smoothing=0.1),
+        Case("cross_entropy", 4096, 32000, ignore_frac=0.25),
+        *_grid("focal", [4096], [1000, 8192, 32000], ["float32"]),
+        *_grid("sigmoid_focal", [16384, 65536, 262144], [80], ["float32"]),
+        *_grid("info_nce", [1024, 2048, 4096, 8192], [512], ["float32"], symmetric=True),
+        Case("info_nce", 4096, 512),
+    ],
+    ("cuda", "quick"): [
+        *_grid("cross_entropy", [4096], [32000, 128256, 256000], ["bfloat16"]),
+        Case("cross_entropy", 4096, 128256, "bfloat16", label_smoothing=0.1, ignore_frac=0.25),
+        Case("cross_entropy", 4096, 128256, "float32"),
+        Case("focal", 4096, 32000, "bfloat16"),
+        Case("sigmoid_focal", 262144, 80, "bfloat16"),
+        *_grid("info_nce", [16384, 65536], [512], ["bfloat16"], symmetric=True),
+    ],
+    ("cuda", "full"): [
+        *_grid("cross_entropy", [4096], [32000, 50257, 128256, 151936, 256000],
+               ["bfloat16", "float16", "float32"]),
+        *_grid("cross_entropy", [4096], [32000, 128256, 256000], ["bfloat16"],
+               label_smoothing=0.1),
+        *_grid("cross_entropy", [4096], [32000, 128256, 256000], ["bfloat16"],
+               ignore_frac=0.25),
+        *_grid("cross_entropy", [1024, 2048, 8192, 16384], [128256], ["bfloat16"]),
+        *_grid("focal", [4096], [1000, 8192, 32000, 128256], ["bfloat16", "float32"]),
+        *_grid("sigmoid_focal", [16384, 65536, 262144, 1048576], [80],
+               ["bfloat16", "float32"]),
+        *_grid("info_nce", [4096, 16384, 65536, 131072], [512], ["bfloat16"]),
+        *_grid("info_nce", [4096, 16384, 65536, 131072], [512], ["bfloat16"], symmetric=True),
+        *_grid("info_nce", [16384, 65536], [1024], ["bfloat16"], symmetric=True),
+    ],
+}
+
+
+def parse_shapes(text):
+    """'4096x32000,1024x128256' -> [(4096, 32000), (1024, 128256)]."""
+    shapes = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        try:
+            n, c = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"a shape is NxC, e.g. 4096x32000; got {item!r}") from None
+        shapes.append((n, c))
+    return shapes
+
+
+def select_cases(device_type, suite, losses=None, dtypes=None, shapes=None, **options):
+    """The suite's cases for this device, filtered by losses and dtypes; or, when shapes
+    are given, every loss x shape x dtype (float32 on a CPU, bfloat16 on a GPU by default),
+    with `options` (label_smoothing, ignore_frac, symmetric) where the loss has them."""
+    losses = [_canonical(name, ALIASES, LOSSES, "loss") for name in losses or []]
+    dtypes = [_canonical(name, DTYPE_ALIASES, DTYPES, "dtype") for name in dtypes or []]
+    if shapes:
+        dtypes = dtypes or ["float32" if device_type == "cpu" else "bfloat16"]
+        return [Case(loss, n, c, dtype,
+                     **{k: v for k, v in options.items() if k in OPTIONS_OF[loss]})
+                for loss, (n, c), dtype in itertools.product(losses or LOSSES, shapes, dtypes)]
+    return [case for case in SUITES[(device_type, suite)]
+            if (not losses or case.loss in losses) and (not dtypes or case.dtype in dtypes)]
+
+
+OPTIONS_OF = {"cross_entropy": ("label_smoothing", "ignore_frac"), "focal": ("ignore_frac",),
+              "sigmoid_focal": (), "info_nce": ("symmetric",)}
+
+
+def _canonical(name, aliases, names, what):
+    name = aliases.get(name, name)
+    if name not in names:
+        raise ValueError(f"unknown {what} {name!r}; choose from {', '.join(names)}")
+    return name

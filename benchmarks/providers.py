@@ -1,0 +1,165 @@
+"""Who is measured: the one table of providers.
+
+A provider turns a case into a callable `loss = fn(*case.make_inputs(device))`. Every
+fusedloss backend that can run on the device is a provider ("fusedloss-<backend>"),
+beside eager PyTorch ("torch", the baseline of the speed-up and memory ratio columns),
+torch.compile of that eager code ("torch.compile"), and peer libraries when importable.
+
+"fusedloss-reference" (the library's pure-PyTorch oracle) is not run by default: it is
+eager PyTorch computed in float32, so it adds nothing to "torch" but time. Name it in
+--providers to include it. The Triton interpreter (Triton on CPU tensors) is never run.
+"""
+import dataclasses
+import functools
+import importlib.util
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+FUSEDLOSS_FUNCTIONS = {"cross_entropy": "cross_entropy", "focal": "focal_loss",
+                       "sigmoid_focal": "sigmoid_focal_loss", "info_nce": "info_nce"}
+
+
+# ---------------------------------------------------------------- eager PyTorch baselines
+def focal_torch(x, target, gamma, ignore_index):
+    """Softmax focal loss as plain PyTorch: log_softmax, gather, mean over counted rows."""
+    logp = F.log_softmax(x, dim=1)
+    counted = target != ignore_index
+    logp_t = logp.gather(1, torch.where(counted, target, 0).unsqueeze(1)).squeeze(1)
+    rows = -((1 - logp_t.exp()) ** gamma) * logp_t
+    return (rows * counted).sum() / counted.sum()
+
+
+def sigmoid_focal_torch(x, target, alpha, gamma, reduction):
+    """torchvision.ops.sigmoid_focal_loss's formula (torchvision is not a dependency)."""
+    p = torch.sigmoid(x)
+    ce = F.binary_cross_entropy_with_logits(x, target, reduction="none")
+    p_t = p * target + (1 - p) * (1 - target)
+    loss = ce * (1 - p_t) ** gamma
+    loss = (alpha * target + (1 - alpha) * (1 - target)) * loss
+    return loss.mean() if reduction == "mean" else loss.sum()
+
+
+def info_nce_torch(query, key, temperature, symmetric):
+    """open_clip's pattern: the N x N logits, then cross_entropy in one or both directions."""
+    logits = query @ key.T / temperature
+    labels = torch.arange(query.shape[0], device=query.device)
+    loss = F.cross_entropy(logits, labels)
+    return (loss + F.cross_entropy(logits.T, labels)) / 2 if symmetric else loss
+
+
+def _eager(case):
+    kwargs = case.loss_kwargs()
+    if case.loss == "cross_entropy":
+        return torch.nn.CrossEntropyLoss(**kwargs)
+    fn = {"focal": focal_torch, "sigmoid_focal": sigmoid_focal_torch,
+          "info_nce": info_nce_torch}[case.loss]
+    return functools.partial(fn, **kwargs)
+
+
+def _compiled(case):
+    return torch.compile(_eager(case))
+
+
+# ---------------------------------------------------------------- fusedloss
+def _fusedloss(backend, case):
+    import fusedloss
+    fn = getattr(fusedloss, FUSEDLOSS_FUNCTIONS[case.loss])
+    return functools.partial(fn, **case.loss_kwargs(), backend=backend)
+
+
+def _fusedloss_unavailable(backend, device_type, case):
+    from fusedloss import _backends
+    if backend == "triton" and (device_type == "cpu" or _backends.triton_interpret()):
+        return "Triton on CPU tensors (TRITON_INTERPRET=1) is the interpreter: never timed"
+    return _backends.unavailable_reason(backend, device_type)
+
+
+# ---------------------------------------------------------------- peer libraries
+def _liger(case):
+    from liger_kernel.transformers import LigerCrossEntropyLoss
+    return LigerCrossEntropyLoss(**case.loss_kwargs(), reduction="mean")
+
+
+def _liger_unavailable(device_type, case):
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install liger-kernel)"
+    if device_type != "cuda":
+        return "liger-kernel runs on CUDA only"
+    if case.loss != "cross_entropy":
+        return f"liger-kernel has no {case.loss} loss on logits"
+    return None
+
+
+def _cce_unavailable(device_type, case):
+    if importlib.util.find_spec("cut_cross_entropy") is None:
+        return "cut-cross-entropy is not installed (pip install cut-cross-entropy)"
+    # CCE never materialises the logits: it takes hidden states and the classifier weight.
+    return ("cut-cross-entropy fuses the classifier matmul into the loss (hidden states and "
+            "weight in, no logits); no case here has that form yet")
+
+
+def _always(device_type, case):
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Provider:
+    name: str
+    build: Optional[Callable]            # case -> fn(*inputs) -> scalar loss
+    unavailable: Callable = _always      # (device type, case) -> why it cannot run, or None
+    default: bool = True                 # run when --providers is not given
+
+    # Module-level functions only (functools.partial of them is fine): a Provider is
+    # pickled into the worker process that measures a case.
+
+
+PROVIDERS = [
+    *[Provider(f"fusedloss-{b}", functools.partial(_fusedloss, b),
+               functools.partial(_fusedloss_unavailable, b), default=b != "reference")
+      for b in ("cpu", "cuda", "triton", "reference")],
+    Provider("torch", _eager),
+    Provider("torch.compile", _compiled),
+    Provider("liger", _liger, _liger_unavailable),
+    Provider("cut-cross-entropy", None, _cce_unavailable),
+]
+BASELINE = "torch"
+ALIASES = {"eager": "torch", "compile": "torch.compile", "cce": "cut-cross-entropy",
+           "liger-kernel": "liger"}
+
+
+def select(names=None):
+    """The providers named (aliases and bare backend names allowed, "fusedloss" for all of
+    its default backends), or the default ones."""
+    by_name = {p.name: p for p in PROVIDERS}
+    if not names:
+        return [p for p in PROVIDERS if p.default]
+    chosen = []
+    for name in names:
+        name = ALIASES.get(name, name)
+        if name == "fusedloss":
+            found = [p for p in PROVIDERS if p.name.startswith("fusedloss-") and p.default]
+        elif name in by_name or f"fusedloss-{name}" in by_name:
+            found = [by_name.get(name) or by_name[f"fusedloss-{name}"]]
+        else:
+            raise ValueError(f"unknown provider {name!r}; choose from "
+                             f"{', '.join(by_name)} (or a bare backend name, or 'fusedloss')")
+        chosen += [p for p in found if p not in chosen]
+    return chosen
+
+
+def plan(providers, device_type, cases):
+    """[(case, providers that can run it)], and a note for every provider left out."""
+    notes, runs = {}, []
+    for case in cases:
+        able = []
+        for p in providers:
+            why = p.unavailable(device_type, case)
+            if why is None:
+                able.append(p)
+            else:
+                notes.setdefault(f"{p.name}: {why}", None)
+        runs.append((case, able))
+    return runs, list(notes)

@@ -1,0 +1,97 @@
+"""The benchmark runner, end to end on tiny CPU cases: files, columns, plots, and out of
+memory as a result row. No timing is asserted: only that the numbers are there."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    from fusedloss.benchmarks import __main__ as cli, cases, measure, providers, report
+except ImportError:  # a source checkout that is not installed
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import __main__ as cli, cases, measure, providers, report
+
+TINY = cases.Case("cross_entropy", 16, 50)
+
+
+def test_end_to_end_cpu(tmp_path):
+    shapes = "32x64,32x128,32x256"  # three sizes: enough for a plot
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--device", "cpu", "--loss", "cross_entropy",
+         "--shapes", shapes, "--label-smoothing", "0.1", "--providers", "torch,reference",
+         "--repeats", "2", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    with open(tmp_path / "latest-cpu.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == report.COLUMNS
+    assert len(rows) == 3 * 2
+    assert {r["provider"] for r in rows} == {"torch", "fusedloss-reference"}
+    assert {r["status"] for r in rows} == {"ok"}, [r["note"] for r in rows]
+    for row in rows:
+        assert row["device"] == "cpu" and row["device_name"] and row["git_commit"]
+        assert row["label_smoothing"] == "0.1"
+        for column in ("fwd_ms", "bwd_ms", "fwdbwd_ms", "fwdbwd_ms_p20", "fwdbwd_ms_p80",
+                       "peak_mem_mib", "gbps", "bw_frac", "speedup", "copy_gbps"):
+            assert float(row[column]) >= 0, column
+
+    data = json.loads((tmp_path / "latest-cpu.json").read_text())
+    assert data["meta"]["torch_version"] == torch.__version__
+    assert [r["provider"] for r in data["rows"]] == [r["provider"] for r in rows]
+    assert set(data["rows"][0]) == set(report.COLUMNS)
+    assert len(list(tmp_path.glob("cpu-*.csv"))) == 1  # the run's own copy
+    assert "| cross_entropy |" in (tmp_path / "latest-cpu.md").read_text()
+    assert list(tmp_path.glob("latest-cpu-cross_entropy*vs-C*.png"))
+    assert "fwd+bwd ms" in proc.stdout  # the table
+
+    # --plot-only re-plots a results file next to it.
+    results = tmp_path / "again" / "run.json"
+    results.parent.mkdir()
+    results.write_text((tmp_path / "latest-cpu.json").read_text())
+    assert cli.main(["--plot-only", str(results)]) == 0
+    assert list(results.parent.glob("run-cross_entropy*.png"))
+
+
+def _raising(exc):
+    def fn(*inputs):
+        raise exc
+    return fn
+
+
+@pytest.mark.parametrize("exc, status", [
+    (MemoryError(), "OOM"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "OOM"),
+    (RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory"), "OOM"),
+    (ValueError("a bug"), "error"),
+])
+def test_failure_is_a_row(exc, status):
+    broken = providers.Provider("broken", lambda case: _raising(exc))
+    messages = []
+    measure.run_case(TINY, [broken, providers.select(["torch"])[0]], "cpu", repeats=1,
+                     warmup=1, send=messages.append)
+    rows = [payload for kind, payload in messages if kind == "row"]
+    assert [r["provider"] for r in rows] == ["broken", "torch"]
+    assert rows[0]["status"] == status and type(exc).__name__ in rows[0]["note"]
+    assert rows[1]["status"] == "ok"  # the next provider still runs
+
+
+def _killed_by_the_kernel(case):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_killed_worker_is_oom():
+    """A worker killed by SIGKILL (the OOM killer's signal) gives an OOM row, and a fresh
+    worker measures the providers after it."""
+    killed = providers.Provider("killed", _killed_by_the_kernel)
+    rows = measure.run_case_isolated(TINY, [killed, providers.select(["torch"])[0]], "cpu",
+                                     repeats=1, warmup=1)
+    assert [(r["provider"], r["status"]) for r in rows] == [("killed", "OOM"), ("torch", "ok")]
