@@ -3,10 +3,11 @@ from ._backends import available_backends
 from .cross_entropy import CrossEntropyLoss, cross_entropy
 from .focal import FocalLoss, focal_loss
 from .info_nce import InfoNCELoss, info_nce
+from .ops import reusable_graph
 from .sigmoid_focal import SigmoidFocalLoss, sigmoid_focal_loss
 
 __all__ = [
     "cross_entropy", "CrossEntropyLoss", "focal_loss", "FocalLoss", "sigmoid_focal_loss",
-    "SigmoidFocalLoss", "info_nce", "InfoNCELoss", "available_backends",
+    "SigmoidFocalLoss", "info_nce", "InfoNCELoss", "available_backends", "reusable_graph",
 ]
 __version__ = "0.1.0"

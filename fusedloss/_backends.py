@@ -44,7 +44,14 @@ def triton_interpret():
 
 def unavailable_reason(backend, device):
     """None when `backend` can run on tensors of `device`, else a sentence saying why not."""
-    device = torch.device(device)
+    return _unavailable_reason(backend, torch.device(device).type)
+
+
+# A constant for torch.compile: it is evaluated once, eagerly, while tracing (dynamo
+# cannot trace the imports behind it).
+@torch.compiler.assume_constant_result
+def _unavailable_reason(backend, device_type):
+    device = torch.device(device_type)
     if backend == "reference":
         return None
     if backend == "cpu":

@@ -60,11 +60,11 @@ class _InplaceCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
-        grad = ctx.grad
-        ctx.grad = None
-        if ctx.reduction == 0:
-            grad_loss = grad_loss.reshape(ctx.row_shape)
-        return (grad.mul_(grad_loss),) + (None,) * 10
+        if ctx.grad is None:
+            raise RuntimeError(ops.CONSUMED)
+        grad, ctx.grad = ctx.grad, None
+        return (ops.scale_grad(grad, grad_loss, ctx.reduction, ctx.row_shape, True),) + \
+            (None,) * 10
 
 
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
@@ -130,7 +130,8 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
             softcap or 0.0, z_loss, red)
     ns = ops.namespace(name)
     compute_grad = input.requires_grad and torch.is_grad_enabled()
-    if inplace_backward and compute_grad and not torch.compiler.is_compiling():
+    if inplace_backward and compute_grad and not torch.compiler.is_compiling() \
+            and not ops.reusable_graph_active():
         loss, lse = _InplaceCrossEntropy.apply(x, ns, *args)
     else:
         loss, lse, grad = ns.cross_entropy(x, *args, compute_grad)

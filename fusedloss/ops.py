@@ -60,6 +60,9 @@ info_nce_backward(grad_row, grad_col, query, key, negatives, labels, scale, row_
     grad_negatives = scale dlogits[:, M:]^T query (empty (0,) when negatives is None),
     grad_scale = sum_ij dlogits[i, j] <query_i, keys_j> (0-dim, scale's dtype).
 """
+import contextlib
+import contextvars
+
 import torch
 
 from . import _backends
@@ -150,33 +153,68 @@ _FAKES = {name: globals()[f"_fake_{name}"] for name in SCHEMAS}
 
 
 # ---------------------------------------------------------------- autograd
-def _scale_saved_grad(ctx, grad_out):
-    """d loss / d x = (saved per-row gradient) * grad_out, grad_out broadcast over rows.
+_keep_gradient_buffers = contextvars.ContextVar("fusedloss_keep_gradient_buffers",
+                                                default=False)
 
-    The saved gradient buffer is scaled in place when the functional layer has handed it
-    over (it dropped its own reference, see `owned`), so the backward allocates nothing:
-    peak memory stays at the logits plus one gradient buffer. Under tracing, or when a
-    caller of the raw op still holds the buffer (opcheck does), it is scaled out of place.
+
+@contextlib.contextmanager
+def reusable_graph():
+    """Build losses whose autograd graph can be run backward more than once.
+
+    By default a kernel backend keeps one gradient buffer per loss and its backward scales
+    that buffer in place, so fwd+bwd never holds more than the logits and one gradient.
+    That consumes the buffer: a second backward through the same graph (retain_graph=True,
+    torch.autograd.gradcheck) raises. Losses computed inside this context keep the buffer
+    intact instead, at the cost of one more gradient-sized buffer during the backward.
     """
-    grad = ctx.grad
-    ctx.grad = None
-    if ctx.reduction == 0:
-        grad_out = grad_out.reshape(ctx.row_shape)
-    if getattr(grad, "_fusedloss_owned", False) and type(grad) is torch.Tensor \
-            and not torch.compiler.is_compiling():
-        return grad.mul_(grad_out)
-    return grad * grad_out
+    token = _keep_gradient_buffers.set(True)
+    try:
+        yield
+    finally:
+        _keep_gradient_buffers.reset(token)
+
+
+def reusable_graph_active():
+    return _keep_gradient_buffers.get()
 
 
 def owned(grad):
-    """Mark an op's gradient output as owned by the autograd graph alone (see above)."""
-    grad._fusedloss_owned = True
+    """Hand an op's gradient output over to the autograd graph: the backward may scale it
+    in place (the functional layer drops its own reference right after)."""
+    if not torch.compiler.is_compiling() and not _keep_gradient_buffers.get():
+        grad._fusedloss_owned = True
     return grad
 
 
+CONSUMED = ("fusedloss: this loss's gradient buffer was already scaled in place by an "
+            "earlier backward through the same graph; to run backward more than once "
+            "(retain_graph=True, gradcheck), compute the loss inside "
+            "`with fusedloss.reusable_graph():`")
+
+
+def scale_grad(grad, grad_out, reduction, row_shape, in_place):
+    """d loss / d x = (saved per-row gradient) * grad_out, broadcast over each row."""
+    if reduction == 0:
+        grad_out = grad_out.reshape(row_shape)
+    return grad.mul_(grad_out) if in_place else grad * grad_out
+
+
+def _scale_saved_grad(ctx, grad_out):
+    """Scale the saved buffer in place when the graph owns it (see reusable_graph); under
+    tracing, or when a caller of the raw op still holds the buffer (opcheck does), out of
+    place."""
+    grad = ctx.grad
+    if grad is None:
+        raise RuntimeError(CONSUMED)
+    in_place = (getattr(grad, "_fusedloss_owned", False) and type(grad) is torch.Tensor
+                and not torch.compiler.is_compiling())
+    if in_place:
+        ctx.grad = None
+    return scale_grad(grad, grad_out, ctx.reduction, ctx.row_shape, in_place)
+
+
 def _setup_rowwise(ctx, x, reduction, outputs, row_shape):
-    for out in outputs[1:]:
-        ctx.mark_non_differentiable(out)
+    ctx.mark_non_differentiable(*outputs[1:])
     ctx.grad = outputs[-1]
     ctx.x_numel = x.numel()
     ctx.reduction = reduction
@@ -200,7 +238,7 @@ def _setup_sigmoid_focal_loss(ctx, inputs, output):
 
 def _backward_rowwise(n_inputs):
     def backward(ctx, grad_loss, *unused):
-        if ctx.grad.numel() != ctx.x_numel:
+        if ctx.grad is not None and ctx.grad.numel() != ctx.x_numel:
             raise RuntimeError("fusedloss: a gradient was requested from an op call made "
                                "with compute_grad=False")
         return (_scale_saved_grad(ctx, grad_loss),) + (None,) * (n_inputs - 1)
