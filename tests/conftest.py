@@ -78,3 +78,22 @@ def assert_close(actual, expected, dtype=None, **kwargs):
     rtol, atol = tolerances(dtype or actual.dtype)
     torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=rtol,
                                atol=atol, equal_nan=True, **kwargs)
+
+
+def assert_refusals(fn, base, cases, **fixed):
+    """Each (overrides, error type, text) case: fn(**base | overrides, **fixed) raises that
+    error type with a message containing the text (the argument's name)."""
+    for overrides, error, name in cases:
+        with pytest.raises(error, match=name):
+            fn(**{**base, **overrides}, **fixed)
+
+
+def assert_matches(ours, expected, ours_leaves, expected_leaves, dtype=None):
+    """Same values and shape, and the same gradients for a random upstream gradient."""
+    assert ours.shape == expected.shape
+    assert_close(ours, expected, dtype)
+    g = torch.randn_like(ours.double())
+    (ours * g.to(ours.dtype)).sum().backward()
+    (expected * g.to(expected.dtype)).sum().backward()
+    for a, b in zip(ours_leaves, expected_leaves):
+        assert_close(a.grad, b.grad, dtype)
