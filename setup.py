@@ -64,7 +64,7 @@ def _extensions():
         return [], {}
 
     os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3", "-std=c++20"]
     if sys.platform.startswith("linux"):
         cxx_flags.append("-fopenmp")
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -104,8 +104,8 @@ def _extensions():
         exts.append(CUDAExtension(
             "fusedloss._C_cuda", cuda_sources, include_dirs=include_dirs,
             extra_compile_args={
-                "cxx": ["-O3", "-std=c++17"],
-                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+                "cxx": ["-O3", "-std=c++20"],
+                "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo",
                          "--expt-relaxed-constexpr"],
             }))
     return exts, ({"build_ext": BuildExtension.with_options(use_ninja=True)} if exts else {})

@@ -1,0 +1,212 @@
+// CPU implementations of fusedloss::info_nce and fusedloss::info_nce_backward.
+//
+// Blockwise over query rows, so memory is O(block x K) (K = M keys + E negatives), never
+// N x K: each block's similarities come from one GEMM (at::mm_out into a reused buffer),
+// then the vectorised sweeps of rowwise_impl.h compute the row lse / loss and, for the
+// symmetric loss, merge the block's column (max, sum-exp) into running statistics. The
+// backward recomputes each block's similarities, turns them into scale * dlogits in
+// place, and feeds them to two more GEMMs: grad_query rows of the block, and an addmm_
+// into the full (K, D) key/negative gradient. Half inputs are computed in float32.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "cpu/kernels.h"
+#include "cpu/ops_common.h"
+
+namespace fusedloss {
+namespace cpu {
+namespace {
+
+struct Problem {
+  at::Tensor q, keys, labels;  // q: (N, D) acc; keys: (K, D) acc = [key; negatives]
+  int64_t N, M, E, K, D;
+  bool has_neg;
+  at::ScalarType acc;
+  double scale;
+};
+
+Problem prepare(const at::Tensor& query, const at::Tensor& key,
+                const std::optional<at::Tensor>& negatives,
+                const std::optional<at::Tensor>& labels, const at::Tensor& scale,
+                bool symmetric, const char* op) {
+  TORCH_CHECK(query.device().is_cpu() && key.device().is_cpu(), "fusedloss.", op,
+              ": expected CPU tensors");
+  TORCH_CHECK(query.dim() == 2 && key.dim() == 2 && query.size(1) == key.size(1),
+              "fusedloss.", op, ": query must be (N, D) and key (M, D), got ", query.sizes(),
+              " and ", key.sizes());
+  const bool has_neg = negatives.has_value() && negatives->defined();
+  if (has_neg) {
+    TORCH_CHECK(negatives->dim() == 2 && negatives->size(1) == query.size(1), "fusedloss.",
+                op, ": negatives must be (E, D), got ", negatives->sizes());
+  }
+  dtype_of(query, op);
+  Problem p;
+  p.acc = acc_type_of(query.scalar_type());
+  p.N = query.size(0);
+  p.M = key.size(0);
+  p.has_neg = has_neg;
+  p.E = has_neg ? negatives->size(0) : 0;
+  p.K = p.M + p.E;
+  p.D = query.size(1);
+  p.scale = scalar_value(scale, op, "scale");
+  if (symmetric) {
+    TORCH_CHECK(!(labels.has_value() && labels->defined()) && p.N == p.M, "fusedloss.", op,
+                ": the symmetric loss needs the diagonal pairing (no labels, N == M)");
+  }
+  if (labels.has_value() && labels->defined()) {
+    TORCH_CHECK(!labels->is_floating_point() && labels->numel() == p.N, "fusedloss.", op,
+                ": labels must be N = ", p.N, " integer column indices, got ",
+                labels->sizes());
+    p.labels = labels->to(at::kLong).contiguous();
+  }
+  p.q = query.to(p.acc).contiguous();
+  p.keys = has_neg ? at::cat({key.to(p.acc), negatives->to(p.acc)}, 0)
+                   : key.to(p.acc).contiguous();
+  return p;
+}
+
+// Rows per block: about 4 Mi similarities (16 MiB in float32), enough rows for the GEMM.
+int64_t block_rows(const Problem& p) {
+  const int64_t budget = int64_t(1) << 22;
+  return std::max<int64_t>(1, std::min<int64_t>(p.N, budget / std::max<int64_t>(p.K, 1)));
+}
+
+int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(work_per_item, 1));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_cpu(
+    const at::Tensor& query, const at::Tensor& key, const std::optional<at::Tensor>& negatives,
+    const std::optional<at::Tensor>& labels, const at::Tensor& scale, bool symmetric) {
+  constexpr const char* op = "info_nce";
+  // Kernel level: the tensor ops below must not record autograd history.
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const Problem p = prepare(query, key, negatives, labels, scale, symmetric, op);
+  const auto opts = p.q.options();
+  const int64_t cols = symmetric ? p.M : 0;
+  at::Tensor row_loss = at::empty({p.N}, opts), row_lse = at::empty({p.N}, opts);
+  at::Tensor col_max = at::full({cols}, -std::numeric_limits<double>::infinity(), opts);
+  at::Tensor col_sum = at::zeros({cols}, opts), diag = at::empty({cols}, opts);
+
+  const KernelTable& k = kernel_table();
+  const int idx = p.acc == at::kDouble ? 1 : 0;
+  const int64_t blk = block_rows(p);
+  at::Tensor buf = at::empty({blk, p.K}, opts);
+  InfoNceBlockArgs a{};
+  a.K = p.K;
+  a.M = p.M;
+  a.labels = p.labels.defined() ? p.labels.const_data_ptr<int64_t>() : nullptr;
+  a.scale = p.scale;
+  a.symmetric = symmetric;
+  a.row_lse = row_lse.mutable_data_ptr();
+  a.row_loss = row_loss.mutable_data_ptr();
+  if (symmetric) {
+    a.diag = diag.mutable_data_ptr();
+    a.col_max = col_max.mutable_data_ptr();
+    a.col_sum = col_sum.mutable_data_ptr();
+  }
+  for (int64_t i0 = 0; i0 < p.N; i0 += blk) {
+    const int64_t nb = std::min(blk, p.N - i0);
+    at::Tensor dots = buf.narrow(0, 0, nb);
+    at::mm_out(dots, p.q.narrow(0, i0, nb), p.keys.t());
+    a.dots = dots.data_ptr();
+    a.row0 = i0;
+    a.nb = nb;
+    at::parallel_for(0, nb, grain_for(p.K), [&](int64_t b, int64_t e) {
+      k.info_nce_rows_fwd[idx](a, b, e);
+    });
+    if (symmetric) {
+      at::parallel_for(0, p.M, grain_for(nb), [&](int64_t b, int64_t e) {
+        k.info_nce_cols_fwd[idx](a, b, e);
+      });
+    }
+  }
+  at::Tensor col_lse = symmetric ? col_max + col_sum.log() : at::empty({0}, opts);
+  at::Tensor col_loss = symmetric ? col_lse - diag : at::empty({0}, opts);
+  return {row_loss, col_loss, row_lse, col_lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_backward_cpu(
+    const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& query,
+    const at::Tensor& key, const std::optional<at::Tensor>& negatives,
+    const std::optional<at::Tensor>& labels, const at::Tensor& scale,
+    const at::Tensor& row_lse, const at::Tensor& col_lse, bool symmetric) {
+  constexpr const char* op = "info_nce_backward";
+  // Kernel level: the tensor ops below must not record autograd history.
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const Problem p = prepare(query, key, negatives, labels, scale, symmetric, op);
+  const auto opts = p.q.options();
+  TORCH_CHECK(grad_row.numel() == p.N && row_lse.numel() == p.N, "fusedloss.", op,
+              ": grad_row and row_lse must have N = ", p.N, " entries");
+  if (symmetric) {
+    TORCH_CHECK(grad_col.numel() == p.M && col_lse.numel() == p.M, "fusedloss.", op,
+                ": grad_col and col_lse must have M = ", p.M, " entries");
+  }
+  const at::Tensor g_row = grad_row.to(p.acc).contiguous();
+  const at::Tensor lse_row = row_lse.to(p.acc).contiguous();
+  const at::Tensor g_col = symmetric ? grad_col.to(p.acc).contiguous() : at::Tensor();
+  const at::Tensor lse_col = symmetric ? col_lse.to(p.acc).contiguous() : at::Tensor();
+
+  at::Tensor gq = at::empty({p.N, p.D}, opts);
+  at::Tensor gk = at::zeros({p.K, p.D}, opts);
+  at::Tensor partial = at::empty({p.N}, opts);
+  const KernelTable& k = kernel_table();
+  const int idx = p.acc == at::kDouble ? 1 : 0;
+  const int64_t blk = block_rows(p);
+  at::Tensor buf = at::empty({blk, p.K}, opts);
+  InfoNceBlockArgs a{};
+  a.K = p.K;
+  a.M = p.M;
+  a.labels = p.labels.defined() ? p.labels.const_data_ptr<int64_t>() : nullptr;
+  a.scale = p.scale;
+  a.symmetric = symmetric;
+  a.grad_row = g_row.const_data_ptr();
+  a.row_lse_in = lse_row.const_data_ptr();
+  if (symmetric) {
+    a.grad_col = g_col.const_data_ptr();
+    a.col_lse_in = lse_col.const_data_ptr();
+  }
+  a.scale_partial = partial.mutable_data_ptr();
+  for (int64_t i0 = 0; i0 < p.N; i0 += blk) {
+    const int64_t nb = std::min(blk, p.N - i0);
+    at::Tensor dl = buf.narrow(0, 0, nb);
+    const at::Tensor qb = p.q.narrow(0, i0, nb);
+    at::mm_out(dl, qb, p.keys.t());
+    a.dots = dl.data_ptr();
+    a.row0 = i0;
+    a.nb = nb;
+    at::parallel_for(0, nb, grain_for(p.K), [&](int64_t b, int64_t e) {
+      k.info_nce_rows_bwd[idx](a, b, e);
+    });
+    // dl now holds scale * dlogits of the block.
+    at::Tensor gq_blk = gq.narrow(0, i0, nb);
+    at::mm_out(gq_blk, dl, p.keys);
+    gk.addmm_(dl.t(), qb);
+  }
+  double gs;
+  if (p.acc == at::kDouble) {
+    gs = pairwise_sum(partial.const_data_ptr<double>(), p.N);
+  } else {
+    gs = pairwise_sum(partial.const_data_ptr<float>(), p.N);
+  }
+  at::Tensor grad_scale = at::empty_like(scale).fill_(gs);
+  at::Tensor grad_query = gq.to(query.scalar_type());
+  at::Tensor grad_key = gk.narrow(0, 0, p.M).to(key.scalar_type(), false, /*copy=*/true);
+  at::Tensor grad_neg = p.has_neg ? gk.narrow(0, p.M, p.E).to(negatives->scalar_type(), false,
+                                                               /*copy=*/true)
+                                : query.new_empty({0});
+  return {grad_query, grad_key, grad_neg, grad_scale};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
+  m.impl("info_nce", &info_nce_cpu);
+  m.impl("info_nce_backward", &info_nce_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace fusedloss
