@@ -102,7 +102,9 @@ def peak_memory_mib(device, step):
         return None
     base = _proc_status_kib("VmRSS")
     step()
-    return (_proc_status_kib("VmHWM") - base) / 1024
+    # The kernel updates VmHWM lazily: when the step frees more than it held at its peak,
+    # the mark can read a few pages below `base`. Nothing measurable was allocated then.
+    return max(0, _proc_status_kib("VmHWM") - base) / 1024
 
 
 # ---------------------------------------------------------------- one case, in process

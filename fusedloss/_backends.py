@@ -58,6 +58,8 @@ def _unavailable_reason(backend, device_type):
         if device.type != "cpu":
             return f"it runs on CPU tensors only and the input is on {device}"
         return _load_extension("_C")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "CUDA is not available on this machine (no GPU or no driver)"
     if backend == "cuda":
         if device.type != "cuda":
             return f"it runs on CUDA tensors only and the input is on {device}"

@@ -196,7 +196,13 @@ def scale_grad(grad, grad_out, reduction, row_shape, in_place):
     """d loss / d x = (saved per-row gradient) * grad_out, broadcast over each row."""
     if reduction == 0:
         grad_out = grad_out.reshape(row_shape)
-    return grad.mul_(grad_out) if in_place else grad * grad_out
+    if not in_place:
+        return grad * grad_out
+    # A loss that ends the graph gets grad_out == 1: skip that pass over the buffer where
+    # reading the value is free (a CPU scalar; on CUDA it would be a host sync).
+    if grad_out.device.type == "cpu" and grad_out.numel() == 1 and float(grad_out) == 1.0:
+        return grad
+    return grad.mul_(grad_out)
 
 
 def _scale_saved_grad(ctx, grad_out):
@@ -215,6 +221,9 @@ def _scale_saved_grad(ctx, grad_out):
 
 def _setup_rowwise(ctx, x, reduction, outputs, row_shape):
     ctx.mark_non_differentiable(*outputs[1:])
+    # The unused outputs (lse, grad) must not get zero-filled gradients: for grad that
+    # would be one more N x C buffer and pass per backward.
+    ctx.set_materialize_grads(False)
     ctx.grad = outputs[-1]
     ctx.x_numel = x.numel()
     ctx.reduction = reduction
@@ -238,6 +247,8 @@ def _setup_sigmoid_focal_loss(ctx, inputs, output):
 
 def _backward_rowwise(n_inputs):
     def backward(ctx, grad_loss, *unused):
+        if grad_loss is None:  # the loss itself did not reach the output
+            return (None,) * n_inputs
         if ctx.grad is not None and ctx.grad.numel() != ctx.x_numel:
             raise RuntimeError("fusedloss: a gradient was requested from an op call made "
                                "with compute_grad=False")
@@ -249,6 +260,7 @@ def _setup_info_nce(ctx, inputs, output):
     query, key, negatives, labels, scale, symmetric = inputs
     row_loss, col_loss, row_lse, col_lse = output
     ctx.mark_non_differentiable(row_lse, col_lse)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(query, key, negatives, labels, scale, row_lse, col_lse)
     ctx.symmetric = symmetric
 
@@ -256,8 +268,10 @@ def _setup_info_nce(ctx, inputs, output):
 def _make_backward_info_nce(ns):
     def backward(ctx, grad_row, grad_col, grad_row_lse, grad_col_lse):
         query, key, negatives, labels, scale, row_lse, col_lse = ctx.saved_tensors
-        if grad_col is None or not ctx.symmetric:
-            grad_col = row_lse.new_zeros((0,))
+        if grad_row is None and grad_col is None:
+            return None, None, None, None, None, None
+        grad_row = torch.zeros_like(row_lse) if grad_row is None else grad_row
+        grad_col = torch.zeros_like(col_lse) if grad_col is None else grad_col
         gq, gk, gn, gs = getattr(torch.ops, ns).info_nce_backward(
             grad_row, grad_col, query, key, negatives, labels, scale, row_lse, col_lse,
             ctx.symmetric)
