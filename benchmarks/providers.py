@@ -77,6 +77,16 @@ def _fusedloss_unavailable(backend, device_type, case):
     return _backends.unavailable_reason(backend, device_type)
 
 
+def _fusedloss_inplace(backend, case):
+    return functools.partial(_fusedloss(backend, case), inplace_backward=True)
+
+
+def _fusedloss_inplace_unavailable(backend, device_type, case):
+    if case.loss != "cross_entropy":
+        return "inplace_backward is a cross-entropy option"
+    return _fusedloss_unavailable(backend, device_type, case)
+
+
 # ---------------------------------------------------------------- peer libraries
 def _liger(case):
     from liger_kernel.transformers import LigerCrossEntropyLoss
@@ -120,6 +130,10 @@ PROVIDERS = [
     *[Provider(f"fusedloss-{b}", functools.partial(_fusedloss, b),
                functools.partial(_fusedloss_unavailable, b), default=b != "reference")
       for b in ("cpu", "cuda", "triton", "reference")],
+    # inplace_backward=True: the gradient is written over the logits (no N x C buffer).
+    *[Provider(f"fusedloss-{b}-inplace", functools.partial(_fusedloss_inplace, b),
+               functools.partial(_fusedloss_inplace_unavailable, b))
+      for b in ("cpu", "cuda", "triton")],
     Provider("torch", _eager),
     Provider("torch.compile", _compiled),
     Provider("liger", _liger, _liger_unavailable),
