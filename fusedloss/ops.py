@@ -310,18 +310,17 @@ for _name, _schema in SCHEMAS.items():
     _triton_lib.impl(_name, _triton_impl(_name), "CompositeExplicitAutograd")
 _register(TRITON_NS)
 
-_cpp_registered = False
+def register_cpp_ops():
+    """Register the fake kernels and autograd of the C++ ops; called once, by
+    fusedloss._backends, right after fusedloss._C (which defines them) has loaded."""
+    _register(CPP_NS)
 
 
 def namespace(backend):
-    """The torch.ops namespace that carries `backend`'s kernels (after loading them)."""
-    global _cpp_registered
+    """The torch.ops namespace that carries `backend`'s kernels."""
     if backend == "triton":
         return torch.ops.fusedloss_triton
     if backend in ("cpu", "cuda"):
-        if not _cpp_registered:
-            if _backends.unavailable_reason("cpu", "cpu") is None:
-                _register(CPP_NS)
-                _cpp_registered = True
+        _backends.unavailable_reason("cpu", "cpu")  # loads fusedloss._C once
         return torch.ops.fusedloss
     raise ValueError(f"backend {backend!r} has no op namespace")

@@ -65,3 +65,22 @@ def test_unknown_and_unavailable_backends():
     with pytest.raises(RuntimeError, match="CUDA tensors only"):
         _backends.resolve("cuda", "cpu")
     assert "reference" in fusedloss.available_backends("cpu")
+
+
+def test_compiled_first_call_in_a_fresh_process():
+    """torch.compile(fullgraph=True) as the very first use of a C++ backend: loading the
+    extension and registering its fake kernels must happen outside the traced graph."""
+    import subprocess
+    import sys
+    if _backends.unavailable_reason("cpu", "cpu") is not None:
+        pytest.skip("the C++ extension is not built here")
+    code = (
+        "import torch, fusedloss\n"
+        "x = torch.randn(4, 9, requires_grad=True); t = torch.tensor([0, 3, -100, 8])\n"
+        "f = torch.compile(lambda x: fusedloss.cross_entropy(x, t, backend='cpu'),\n"
+        "                  fullgraph=True)\n"
+        "y = f(x); y.backward()\n"
+        "torch.testing.assert_close(y, torch.nn.functional.cross_entropy(x, t))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
