@@ -13,6 +13,7 @@
 
 #include <limits>
 
+#include "common/info_nce_host.h"
 #include "cpu/kernels.h"
 #include "cpu/ops_common.h"
 
@@ -20,59 +21,17 @@ namespace fusedloss {
 namespace cpu {
 namespace {
 
-struct Problem {
-  at::Tensor q, keys, labels;  // q: (N, D) acc; keys: (K, D) acc = [key; negatives]
-  int64_t N, M, E, K, D;
-  bool has_neg;
-  at::ScalarType acc;
-  double scale;
-};
+using Problem = InfoNceProblem;
 
 Problem prepare(const at::Tensor& query, const at::Tensor& key,
                 const std::optional<at::Tensor>& negatives,
-                const std::optional<at::Tensor>& labels, const at::Tensor& scale,
-                bool symmetric, const char* op) {
-  TORCH_CHECK(query.device().is_cpu() && key.device().is_cpu(), "fusedloss.", op,
-              ": expected CPU tensors");
-  TORCH_CHECK(query.dim() == 2 && key.dim() == 2 && query.size(1) == key.size(1),
-              "fusedloss.", op, ": query must be (N, D) and key (M, D), got ", query.sizes(),
-              " and ", key.sizes());
-  const bool has_neg = negatives.has_value() && negatives->defined();
-  if (has_neg) {
-    TORCH_CHECK(negatives->dim() == 2 && negatives->size(1) == query.size(1), "fusedloss.",
-                op, ": negatives must be (E, D), got ", negatives->sizes());
-  }
-  dtype_of(query, op);
-  Problem p;
-  p.acc = acc_type_of(query.scalar_type());
-  p.N = query.size(0);
-  p.M = key.size(0);
-  p.has_neg = has_neg;
-  p.E = has_neg ? negatives->size(0) : 0;
-  p.K = p.M + p.E;
-  p.D = query.size(1);
-  p.scale = scalar_value(scale, op, "scale");
-  if (symmetric) {
-    TORCH_CHECK(!(labels.has_value() && labels->defined()) && p.N == p.M, "fusedloss.", op,
-                ": the symmetric loss needs the diagonal pairing (no labels, N == M)");
-  }
-  if (labels.has_value() && labels->defined()) {
-    TORCH_CHECK(!labels->is_floating_point() && labels->numel() == p.N, "fusedloss.", op,
-                ": labels must be N = ", p.N, " integer column indices, got ",
-                labels->sizes());
-    p.labels = labels->to(at::kLong).contiguous();
-  }
-  p.q = query.to(p.acc).contiguous();
-  p.keys = has_neg ? at::cat({key.to(p.acc), negatives->to(p.acc)}, 0)
-                   : key.to(p.acc).contiguous();
-  return p;
+                const std::optional<at::Tensor>& labels, bool symmetric, const char* op) {
+  TORCH_CHECK(query.device().is_cpu(), "fusedloss.", op, ": expected CPU tensors");
+  return prepare_info_nce(query, key, negatives, labels, symmetric, op);
 }
 
 // Rows per block: about 4 Mi similarities (16 MiB in float32), enough rows for the GEMM.
-int64_t block_rows(const Problem& p) {
-  const int64_t budget = int64_t(1) << 22;
-  return std::max<int64_t>(1, std::min<int64_t>(p.N, budget / std::max<int64_t>(p.K, 1)));
-}
+int64_t block_rows(const Problem& p) { return info_nce_block_rows(p, int64_t(1) << 22); }
 
 int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(work_per_item, 1));
@@ -84,7 +43,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_cpu(
   constexpr const char* op = "info_nce";
   // Kernel level: the tensor ops below must not record autograd history.
   at::AutoDispatchBelowADInplaceOrView guard;
-  const Problem p = prepare(query, key, negatives, labels, scale, symmetric, op);
+  const Problem p = prepare(query, key, negatives, labels, symmetric, op);
+  const double scale_value = scalar_value(scale, op, "scale");
   const auto opts = p.q.options();
   const int64_t cols = symmetric ? p.M : 0;
   at::Tensor row_loss = at::empty({p.N}, opts), row_lse = at::empty({p.N}, opts);
@@ -99,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_cpu(
   a.K = p.K;
   a.M = p.M;
   a.labels = p.labels.defined() ? p.labels.const_data_ptr<int64_t>() : nullptr;
-  a.scale = p.scale;
+  a.scale = scale_value;
   a.symmetric = symmetric;
   a.row_lse = row_lse.mutable_data_ptr();
   a.row_loss = row_loss.mutable_data_ptr();
@@ -137,7 +97,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_backward_cpu
   constexpr const char* op = "info_nce_backward";
   // Kernel level: the tensor ops below must not record autograd history.
   at::AutoDispatchBelowADInplaceOrView guard;
-  const Problem p = prepare(query, key, negatives, labels, scale, symmetric, op);
+  const Problem p = prepare(query, key, negatives, labels, symmetric, op);
+  const double scale_value = scalar_value(scale, op, "scale");
   const auto opts = p.q.options();
   TORCH_CHECK(grad_row.numel() == p.N && row_lse.numel() == p.N, "fusedloss.", op,
               ": grad_row and row_lse must have N = ", p.N, " entries");
@@ -161,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_backward_cpu
   a.K = p.K;
   a.M = p.M;
   a.labels = p.labels.defined() ? p.labels.const_data_ptr<int64_t>() : nullptr;
-  a.scale = p.scale;
+  a.scale = scale_value;
   a.symmetric = symmetric;
   a.grad_row = g_row.const_data_ptr();
   a.row_lse_in = lse_row.const_data_ptr();
@@ -194,10 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_backward_cpu
   }
   at::Tensor grad_scale = at::empty_like(scale).fill_(gs);
   at::Tensor grad_query = gq.to(query.scalar_type());
-  at::Tensor grad_key = gk.narrow(0, 0, p.M).to(key.scalar_type(), false, /*copy=*/true);
-  at::Tensor grad_neg = p.has_neg ? gk.narrow(0, p.M, p.E).to(negatives->scalar_type(), false,
-                                                               /*copy=*/true)
-                                : query.new_empty({0});
+  auto [grad_key, grad_neg] = split_key_grads(gk, p, key, negatives, query);
   return {grad_query, grad_key, grad_neg, grad_scale};
 }
 

@@ -11,6 +11,7 @@
 
 #include <limits>
 
+#include "common/info_nce_host.h"
 #include "cuda/common.cuh"
 
 namespace fusedloss {
@@ -127,61 +128,17 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-struct Problem {
-  at::Tensor q, keys, labels, scale;  // q (N, D), keys (K, D) in acc; scale 0-dim acc
-  int64_t N, M, E, K, D;
-  bool has_neg;
-  at::ScalarType acc;
-};
+using Problem = InfoNceProblem;
 
 Problem prepare(const at::Tensor& query, const at::Tensor& key,
                 const std::optional<at::Tensor>& negatives,
-                const std::optional<at::Tensor>& labels, const at::Tensor& scale,
-                bool symmetric, const char* op) {
-  TORCH_CHECK(query.is_cuda() && key.device() == query.device(), "fusedloss.", op,
-              ": query and key must be CUDA tensors on one device");
-  TORCH_CHECK(query.dim() == 2 && key.dim() == 2 && query.size(1) == key.size(1),
-              "fusedloss.", op, ": query must be (N, D) and key (M, D), got ", query.sizes(),
-              " and ", key.sizes());
-  const auto dt = query.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
-              "fusedloss.", op, ": query must be float32, float64, bfloat16 or float16");
-  Problem p;
-  p.has_neg = negatives.has_value() && negatives->defined();
-  if (p.has_neg) {
-    TORCH_CHECK(negatives->dim() == 2 && negatives->size(1) == query.size(1) &&
-                    negatives->device() == query.device(),
-                "fusedloss.", op, ": negatives must be (E, D) on the device of query");
-  }
-  p.acc = acc_type_of(dt);
-  p.N = query.size(0);
-  p.M = key.size(0);
-  p.E = p.has_neg ? negatives->size(0) : 0;
-  p.K = p.M + p.E;
-  p.D = query.size(1);
-  if (symmetric) {
-    TORCH_CHECK(!(labels.has_value() && labels->defined()) && p.N == p.M, "fusedloss.", op,
-                ": the symmetric loss needs the diagonal pairing (no labels, N == M)");
-  }
-  if (labels.has_value() && labels->defined()) {
-    TORCH_CHECK(!labels->is_floating_point() && labels->numel() == p.N &&
-                    labels->device() == query.device(),
-                "fusedloss.", op, ": labels must be N = ", p.N,
-                " integer column indices on the device of query");
-    p.labels = labels->to(at::kLong).contiguous();
-  }
-  p.q = query.to(p.acc).contiguous();
-  p.keys = p.has_neg ? at::cat({key.to(p.acc), negatives->to(p.acc)}, 0)
-                     : key.to(p.acc).contiguous();
-  p.scale = device_scalar(scale, p.acc, p.q, op, "scale");
-  return p;
+                const std::optional<at::Tensor>& labels, bool symmetric, const char* op) {
+  TORCH_CHECK(query.is_cuda(), "fusedloss.", op, ": expected CUDA tensors");
+  return prepare_info_nce(query, key, negatives, labels, symmetric, op);
 }
 
 // Rows per block: about 32 Mi similarities (128 MiB in float32).
-int64_t block_rows(const Problem& p) {
-  const int64_t budget = int64_t(1) << 25;
-  return std::max<int64_t>(1, std::min<int64_t>(p.N, budget / std::max<int64_t>(p.K, 1)));
-}
+int64_t block_rows(const Problem& p) { return info_nce_block_rows(p, int64_t(1) << 25); }
 
 unsigned int row_grid(int64_t nb) {
   return static_cast<unsigned int>(std::min<int64_t>(nb, int64_t(1) << 20));
@@ -193,7 +150,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_cuda(
   constexpr const char* op = "info_nce";
   at::AutoDispatchBelowADInplaceOrView guard;
   const c10::cuda::CUDAGuard device_guard(query.device());
-  const Problem p = prepare(query, key, negatives, labels, scale, symmetric, op);
+  const Problem p = prepare(query, key, negatives, labels, symmetric, op);
+  const at::Tensor scale_dev = device_scalar(scale, p.acc, p.q, op, "scale");
   const auto opts = p.q.options();
   const int64_t cols = symmetric ? p.M : 0;
   at::Tensor row_loss = at::empty({p.N}, opts), row_lse = at::empty({p.N}, opts);
@@ -214,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_cuda(
       at::mm_out(dots, p.q.narrow(0, i0, nb), p.keys.t());
       info_nce_rows_fwd_kernel<scalar_t><<<row_grid(nb), kRowThreads, 0, stream>>>(
           dots.const_data_ptr<scalar_t>(), nb, p.K, p.M, i0, lab,
-          p.scale.const_data_ptr<scalar_t>(), symmetric, row_lse.mutable_data_ptr<scalar_t>(),
+          scale_dev.const_data_ptr<scalar_t>(), symmetric, row_lse.mutable_data_ptr<scalar_t>(),
           row_loss.mutable_data_ptr<scalar_t>(),
           symmetric ? diag.mutable_data_ptr<scalar_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -227,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_cuda(
                         static_cast<unsigned int>(chunks));
         info_nce_cols_partial_kernel<scalar_t><<<grid, kColThreads, 0, stream>>>(
             dots.const_data_ptr<scalar_t>(), nb, p.K, p.M, chunk,
-            p.scale.const_data_ptr<scalar_t>(), pm, ps);
+            scale_dev.const_data_ptr<scalar_t>(), pm, ps);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         info_nce_cols_merge_kernel<scalar_t><<<grid.x, kColThreads, 0, stream>>>(
             pm, ps, chunks, p.M, col_max.mutable_data_ptr<scalar_t>(),
@@ -249,7 +207,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_backward_cud
   constexpr const char* op = "info_nce_backward";
   at::AutoDispatchBelowADInplaceOrView guard;
   const c10::cuda::CUDAGuard device_guard(query.device());
-  const Problem p = prepare(query, key, negatives, labels, scale, symmetric, op);
+  const Problem p = prepare(query, key, negatives, labels, symmetric, op);
+  const at::Tensor scale_dev = device_scalar(scale, p.acc, p.q, op, "scale");
   const auto opts = p.q.options();
   TORCH_CHECK(grad_row.numel() == p.N && row_lse.numel() == p.N, "fusedloss.", op,
               ": grad_row and row_lse must have N = ", p.N, " entries");
@@ -278,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_backward_cud
       at::mm_out(dl, qb, p.keys.t());
       info_nce_rows_bwd_kernel<scalar_t><<<row_grid(nb), kRowThreads, 0, stream>>>(
           dl.mutable_data_ptr<scalar_t>(), nb, p.K, p.M, i0, lab,
-          p.scale.const_data_ptr<scalar_t>(), symmetric, g_row.const_data_ptr<scalar_t>(),
+          scale_dev.const_data_ptr<scalar_t>(), symmetric, g_row.const_data_ptr<scalar_t>(),
           symmetric ? g_col.const_data_ptr<scalar_t>() : nullptr,
           lse_row.const_data_ptr<scalar_t>(),
           symmetric ? lse_col.const_data_ptr<scalar_t>() : nullptr,
@@ -292,10 +251,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_backward_cud
   at::Tensor grad_scale =
       partial.sum().to(scale.device(), scale.scalar_type()).reshape(scale.sizes()).clone();
   at::Tensor grad_query = query.scalar_type() == p.acc ? gq : gq.to(query.scalar_type());
-  at::Tensor grad_key = gk.narrow(0, 0, p.M).to(key.scalar_type(), false, /*copy=*/true);
-  at::Tensor grad_neg = p.has_neg ? gk.narrow(0, p.M, p.E).to(negatives->scalar_type(), false,
-                                                                 /*copy=*/true)
-                                  : query.new_empty({0});
+  auto [grad_key, grad_neg] = split_key_grads(gk, p, key, negatives, query);
   return {grad_query, grad_key, grad_neg, grad_scale};
 }
 
