@@ -31,6 +31,18 @@ Problem prepare(const at::Tensor& query, const at::Tensor& key,
 }
 
 // Rows per block: about 4 Mi similarities (16 MiB in float32), enough rows for the GEMM.
+// The block kernels' arguments that the forward and the backward share.
+InfoNceBlockArgs shared_block_args(const Problem& p, const at::Tensor& scale, bool symmetric,
+                                   const char* op) {
+  InfoNceBlockArgs a{};
+  a.K = p.K;
+  a.M = p.M;
+  a.labels = p.labels.defined() ? p.labels.const_data_ptr<int64_t>() : nullptr;
+  a.scale = scalar_value(scale, op, "scale");
+  a.symmetric = symmetric;
+  return a;
+}
+
 int64_t block_rows(const Problem& p) { return info_nce_block_rows(p, int64_t(1) << 22); }
 
 int64_t grain_for(int64_t work_per_item) {
@@ -44,7 +56,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_cpu(
   // Kernel level: the tensor ops below must not record autograd history.
   at::AutoDispatchBelowADInplaceOrView guard;
   const Problem p = prepare(query, key, negatives, labels, symmetric, op);
-  const double scale_value = scalar_value(scale, op, "scale");
   const auto opts = p.q.options();
   const int64_t cols = symmetric ? p.M : 0;
   at::Tensor row_loss = at::empty({p.N}, opts), row_lse = at::empty({p.N}, opts);
@@ -55,12 +66,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_cpu(
   const int idx = p.acc == at::kDouble ? 1 : 0;
   const int64_t blk = block_rows(p);
   at::Tensor buf = at::empty({blk, p.K}, opts);
-  InfoNceBlockArgs a{};
-  a.K = p.K;
-  a.M = p.M;
-  a.labels = p.labels.defined() ? p.labels.const_data_ptr<int64_t>() : nullptr;
-  a.scale = scale_value;
-  a.symmetric = symmetric;
+  InfoNceBlockArgs a = shared_block_args(p, scale, symmetric, op);
   a.row_lse = row_lse.mutable_data_ptr();
   a.row_loss = row_loss.mutable_data_ptr();
   if (symmetric) {
@@ -98,7 +104,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_backward_cpu
   // Kernel level: the tensor ops below must not record autograd history.
   at::AutoDispatchBelowADInplaceOrView guard;
   const Problem p = prepare(query, key, negatives, labels, symmetric, op);
-  const double scale_value = scalar_value(scale, op, "scale");
   const auto opts = p.q.options();
   TORCH_CHECK(grad_row.numel() == p.N && row_lse.numel() == p.N, "fusedloss.", op,
               ": grad_row and row_lse must have N = ", p.N, " entries");
@@ -118,12 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_backward_cpu
   const int idx = p.acc == at::kDouble ? 1 : 0;
   const int64_t blk = block_rows(p);
   at::Tensor buf = at::empty({blk, p.K}, opts);
-  InfoNceBlockArgs a{};
-  a.K = p.K;
-  a.M = p.M;
-  a.labels = p.labels.defined() ? p.labels.const_data_ptr<int64_t>() : nullptr;
-  a.scale = scale_value;
-  a.symmetric = symmetric;
+  InfoNceBlockArgs a = shared_block_args(p, scale, symmetric, op);
   a.grad_row = g_row.const_data_ptr();
   a.row_lse_in = lse_row.const_data_ptr();
   if (symmetric) {
