@@ -24,6 +24,14 @@
 namespace fusedloss {
 namespace math {
 
+// The accumulation type of an element type: double for double, float for the rest.
+template <class T>
+struct AccOf { using type = float; };
+template <>
+struct AccOf<double> { using type = double; };
+template <class T>
+using acc_of = typename AccOf<T>::type;
+
 // ---------------------------------------------------------------- scalar primitives
 FUSEDLOSS_HD float fl_exp(float x) { return ::expf(x); }
 FUSEDLOSS_HD double fl_exp(double x) { return ::exp(x); }

@@ -43,12 +43,7 @@ namespace CPU_CAPABILITY {
 using at::vec::Vectorized;
 namespace fm = fusedloss::math;
 
-template <class T>
-struct AccOf { using type = float; };
-template <>
-struct AccOf<double> { using type = double; };
-template <class T>
-using acc_of = typename AccOf<T>::type;
+using fm::acc_of;
 
 template <class T>
 constexpr bool is_reduced_v = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;

@@ -17,12 +17,7 @@ namespace cuda {
 
 namespace fm = fusedloss::math;
 
-template <class T>
-struct AccOf { using type = float; };
-template <>
-struct AccOf<double> { using type = double; };
-template <class T>
-using acc_of = typename AccOf<T>::type;
+using fm::acc_of;
 
 // ---------------------------------------------------------------- 16-byte vectors
 template <class T>
