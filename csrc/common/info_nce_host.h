@@ -78,4 +78,34 @@ inline std::pair<at::Tensor, at::Tensor> split_key_grads(
   return {grad_key, grad_neg};
 }
 
+// The backward's per-row inputs, checked and converted to the accumulation type on the
+// embeddings' device: grad_row and row_lse (N), and grad_col and col_lse (M) when symmetric.
+struct InfoNceBackwardInputs {
+  at::Tensor grad_row, row_lse, grad_col, col_lse;
+};
+
+inline InfoNceBackwardInputs prepare_info_nce_backward(
+    const InfoNceProblem& p, const at::Tensor& grad_row, const at::Tensor& row_lse,
+    const at::Tensor& grad_col, const at::Tensor& col_lse, bool symmetric, const char* op) {
+  TORCH_CHECK(grad_row.numel() == p.N && row_lse.numel() == p.N, "fusedloss.", op,
+              ": grad_row and row_lse must have N = ", p.N, " entries");
+  if (symmetric) {
+    TORCH_CHECK(grad_col.numel() == p.M && col_lse.numel() == p.M, "fusedloss.", op,
+                ": grad_col and col_lse must have M = ", p.M, " entries");
+  }
+  auto acc = [&](const at::Tensor& t) { return t.to(p.q.device(), p.acc).contiguous(); };
+  return {acc(grad_row), acc(row_lse), symmetric ? acc(grad_col) : at::Tensor(),
+          symmetric ? acc(col_lse) : at::Tensor()};
+}
+
+// The forward's column outputs from the merged (max, sum-exp) statistics and the diagonal
+// logits: (col_loss, col_lse), both empty unless symmetric.
+inline std::pair<at::Tensor, at::Tensor> finish_info_nce_columns(
+    const at::Tensor& col_max, const at::Tensor& col_sum, const at::Tensor& diag,
+    bool symmetric) {
+  if (!symmetric) return {col_max.new_empty({0}), col_max.new_empty({0})};
+  at::Tensor col_lse = col_max + col_sum.log();
+  return {col_lse - diag, col_lse};
+}
+
 }  // namespace fusedloss

@@ -90,8 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_cpu(
       });
     }
   }
-  at::Tensor col_lse = symmetric ? col_max + col_sum.log() : at::empty({0}, opts);
-  at::Tensor col_loss = symmetric ? col_lse - diag : at::empty({0}, opts);
+  auto [col_loss, col_lse] = finish_info_nce_columns(col_max, col_sum, diag, symmetric);
   return {row_loss, col_loss, row_lse, col_lse};
 }
 
@@ -105,16 +104,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_backward_cpu
   at::AutoDispatchBelowADInplaceOrView guard;
   const Problem p = prepare(query, key, negatives, labels, symmetric, op);
   const auto opts = p.q.options();
-  TORCH_CHECK(grad_row.numel() == p.N && row_lse.numel() == p.N, "fusedloss.", op,
-              ": grad_row and row_lse must have N = ", p.N, " entries");
-  if (symmetric) {
-    TORCH_CHECK(grad_col.numel() == p.M && col_lse.numel() == p.M, "fusedloss.", op,
-                ": grad_col and col_lse must have M = ", p.M, " entries");
-  }
-  const at::Tensor g_row = grad_row.to(p.acc).contiguous();
-  const at::Tensor lse_row = row_lse.to(p.acc).contiguous();
-  const at::Tensor g_col = symmetric ? grad_col.to(p.acc).contiguous() : at::Tensor();
-  const at::Tensor lse_col = symmetric ? col_lse.to(p.acc).contiguous() : at::Tensor();
+  const InfoNceBackwardInputs in =
+      prepare_info_nce_backward(p, grad_row, row_lse, grad_col, col_lse, symmetric, op);
+  const at::Tensor &g_row = in.grad_row, &lse_row = in.row_lse;
+  const at::Tensor &g_col = in.grad_col, &lse_col = in.col_lse;
 
   at::Tensor gq = at::empty({p.N, p.D}, opts);
   at::Tensor gk = at::zeros({p.K, p.D}, opts);
