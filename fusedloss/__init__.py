@@ -1,9 +1,9 @@
 """fusedloss: fused softmax cross-entropy, focal and InfoNCE losses for PyTorch."""
-from ._backends import available_backends
+from ._backends import available_backends, warn_if_extension_missing
+from ._library import reusable_graph
 from .cross_entropy import CrossEntropyLoss, cross_entropy
 from .focal import FocalLoss, focal_loss
 from .info_nce import InfoNCELoss, info_nce
-from .ops import reusable_graph
 from .sigmoid_focal import SigmoidFocalLoss, sigmoid_focal_loss
 
 __all__ = [
@@ -11,3 +11,5 @@ __all__ = [
     "SigmoidFocalLoss", "info_nce", "InfoNCELoss", "available_backends", "reusable_graph",
 ]
 __version__ = "0.1.0"
+
+warn_if_extension_missing()

@@ -1,19 +1,35 @@
-"""What this machine can run, and the one table that maps a backend name to it.
+"""Which backend runs an op: what this machine has, what each op implements, and `auto`.
 
 Backends:
-  reference  plain PyTorch (fusedloss.reference), any device, always available
+  reference  plain PyTorch (fusedloss.reference), any device; every loss has it
   triton     Triton kernels (fusedloss.kernels) on CUDA tensors; on CPU tensors only under
              TRITON_INTERPRET=1 (the interpreter, used by the tests)
   cuda       the CUDA C++ extension fusedloss._C_cuda, on CUDA tensors
   cpu        the CPU C++ extension fusedloss._C, on CPU tensors
+
+An op (fusedloss._library.Op) names the kernel backends it implements; a backend runs a
+call when the op implements it and the machine can run it for the tensors' device.
 """
 import functools
 import importlib
+import importlib.util
 import os
+import warnings
+from pathlib import Path
 
 import torch
 
+from . import _library
+
 BACKENDS = ("reference", "triton", "cuda", "cpu")
+# backend="auto": per device, the first backend the op implements and the machine runs.
+# CPU: the C++ kernels, measured faster than eager and torch.compile by the benchmark
+# runner. CUDA: Triton first, until GPU measurements decide per op and shape class.
+AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
+EXTENSIONS = {"cpu": "_C", "cuda": "_C_cuda"}
+DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+FIX = ("reinstall with `pip install --no-build-isolation -e .` (or `pip install .`) and "
+       "read the [fusedloss setup] lines it prints")
 
 
 @functools.lru_cache(maxsize=None)
@@ -22,12 +38,7 @@ def _load_extension(name):
     try:
         importlib.import_module(f"fusedloss.{name}")
     except ImportError as exc:
-        return (f"the C++ extension fusedloss.{name} is not built or failed to load ({exc}); "
-                "reinstall with `pip install --no-build-isolation -e .` and read the "
-                "[fusedloss setup] lines it prints")
-    if name == "_C":  # it defines the fusedloss:: ops: give them fake kernels and autograd
-        from . import ops
-        ops.register_cpp_ops()
+        return f"the C++ extension fusedloss.{name} is not built or failed to load ({exc}); {FIX}"
     return None
 
 
@@ -35,9 +46,8 @@ def _load_extension(name):
 def _triton_missing():
     try:
         importlib.import_module("triton")
-        importlib.import_module("fusedloss._triton")
     except ImportError as exc:
-        return f"Triton or the fusedloss Triton kernels failed to import ({exc})"
+        return f"Triton is not importable ({exc})"
     return None
 
 
@@ -45,49 +55,69 @@ def triton_interpret():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def unavailable_reason(backend, device):
-    """None when `backend` can run on tensors of `device`, else a sentence saying why not."""
-    return _unavailable_reason(backend, torch.device(device).type)
+def _machine_reason(backend, device_type):
+    """None when this machine can run `backend` on tensors of `device_type`."""
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if device_type != "cpu":
+            return f"it runs on CPU tensors only and the input is on {device_type}"
+        return _load_extension("_C")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "CUDA is not available on this machine (no GPU or no driver)"
+    if backend == "cuda":
+        if device_type != "cuda":
+            return f"it runs on CUDA tensors only and the input is on {device_type}"
+        return _load_extension("_C_cuda")
+    if backend == "triton":
+        if device_type == "cpu" and not triton_interpret():
+            return "on CPU tensors Triton runs only under TRITON_INTERPRET=1"
+        if device_type not in ("cpu", "cuda"):
+            return f"it runs on CUDA tensors and the input is on {device_type}"
+        return _triton_missing()
+    return f"there is no backend named {backend!r}"
+
+
+def _op_reason(op_name, backend):
+    """None when op `op_name` has a `backend` implementation (and, for C++, it is loaded)."""
+    if backend == "reference":
+        return None
+    op = _library.OPS[op_name]
+    if backend not in op.backends:
+        return f"fusedloss has no {backend} kernel for {op_name}"
+    if backend in EXTENSIONS and not torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"{_library.CPP_NS}::{op_name}", DISPATCH_KEYS[backend]):
+        return (f"the loaded fusedloss.{EXTENSIONS[backend]} registers no {op_name} kernel "
+                f"(a stale build?); {FIX}")
+    return None
 
 
 # A constant for torch.compile: it is evaluated once, eagerly, while tracing (dynamo
 # cannot trace the imports behind it).
 @torch.compiler.assume_constant_result
-def _unavailable_reason(backend, device_type):
-    device = torch.device(device_type)
-    if backend == "reference":
-        return None
-    if backend == "cpu":
-        if device.type != "cpu":
-            return f"it runs on CPU tensors only and the input is on {device}"
-        return _load_extension("_C")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return "CUDA is not available on this machine (no GPU or no driver)"
-    if backend == "cuda":
-        if device.type != "cuda":
-            return f"it runs on CUDA tensors only and the input is on {device}"
-        return _load_extension("_C") or _load_extension("_C_cuda")
-    if backend == "triton":
-        if device.type == "cpu" and not triton_interpret():
-            return "on CPU tensors Triton runs only under TRITON_INTERPRET=1"
-        if device.type not in ("cpu", "cuda"):
-            return f"it runs on CUDA tensors and the input is on {device}"
-        return _triton_missing()
-    return f"there is no backend named {backend!r}"
+def _unavailable_reason(op_name, backend, device_type):
+    return _machine_reason(backend, device_type) or (
+        _op_reason(op_name, backend) if op_name else None)
 
 
-def available_backends(device):
-    return [b for b in BACKENDS if unavailable_reason(b, device) is None]
+def unavailable_reason(backend, device, op=None):
+    """None when `backend` can run `op` (an Op, or None: any op) on tensors of `device`,
+    else a sentence saying why not."""
+    return _unavailable_reason(op.name if op is not None else "", backend,
+                               torch.device(device).type)
 
 
-# backend="auto": the first available entry for the device. CPU: the C++ kernel, which
-# the benchmark runner measures faster than eager and torch.compile. CUDA: Triton first
-# until GPU measurements (benchmarks/NOTES.md) decide per loss and shape class.
-AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
+def available_backends(device, op=None):
+    return [b for b in BACKENDS if unavailable_reason(b, device, op) is None]
 
 
-def resolve(backend, device, needs_reference=None):
-    """Map a user's `backend` argument to a concrete available backend name.
+def implementations(op):
+    """The backends that implement `op`, whatever this machine has."""
+    return ["reference", *op.backends]
+
+
+def resolve(op, backend, device, needs_reference=None):
+    """Map a user's `backend` argument to a concrete backend that runs `op` on `device`.
 
     needs_reference: a reason string when the call needs something only the reference
     path provides (e.g. a gradient for the target); "auto" then picks the reference and an
@@ -98,17 +128,30 @@ def resolve(backend, device, needs_reference=None):
         if needs_reference:
             return "reference"
         for name in AUTO_ORDER.get(device.type, ("reference",)):
-            if unavailable_reason(name, device) is None:
+            if unavailable_reason(name, device, op) is None:
                 return name
         return "reference"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {list(BACKENDS)}, got {backend!r}")
-    why = unavailable_reason(backend, device)
+    why = unavailable_reason(backend, device, op)
     if why is not None:
         raise RuntimeError(
-            f"backend={backend!r} is not available: {why}. Available for {device.type} "
-            f"tensors here: {available_backends(device)}")
+            f"fusedloss.{op.name}: backend={backend!r} is not available: {why}. Available "
+            f"for {device.type} tensors here: {available_backends(device, op)} (of the "
+            f"backends that implement {op.name}: {implementations(op)})")
     if needs_reference and backend != "reference":
         raise ValueError(f"backend={backend!r} does not support {needs_reference}; "
                          "use backend='reference' (or 'auto')")
     return backend
+
+
+def warn_if_extension_missing():
+    """Warn once, at import, where the C++ sources are present but the CPU extension is not
+    built: without it `auto` silently falls back to the slow reference path."""
+    if os.environ.get("FUSEDLOSS_NO_EXT") == "1" or os.environ.get("FUSEDLOSS_BUILDING"):
+        return
+    sources = Path(__file__).resolve().parent.parent / "csrc"
+    if sources.is_dir() and importlib.util.find_spec("fusedloss._C") is None:
+        warnings.warn(f"fusedloss: the CPU C++ extension fusedloss._C is not built, so "
+                      f"backend='auto' uses the slow reference path on CPU tensors; {FIX}",
+                      RuntimeWarning, stacklevel=3)

@@ -9,8 +9,7 @@ import numbers
 
 import torch
 
-from .ops import REDUCTIONS
-
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -48,6 +47,13 @@ def number(name, value, *, low=None, high=None, low_open=False, allow_none=False
         raise ValueError(f"{name} must be {bound}, got {value}")
     if high is not None and value > high:
         raise ValueError(f"{name} must be <= {high}, got {value}")
+    return value
+
+
+def integer(name, value):
+    """A Python int (not a bool), as torch's integer arguments."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     return value
 
 

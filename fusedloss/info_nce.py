@@ -1,8 +1,84 @@
 """InfoNCE / CLIP contrastive loss over query-key similarities, without the N x M matrix
-on the kernel backends."""
+on the kernel backends.
+
+The algebra of the ops (N queries, M keys, E extra negatives, keys = [key; negatives],
+everything in acc: float32 for half inputs):
+
+    logits[i, j] = scale <query_i, keys_j>;  row i's positive pos_i = labels[i] (i without)
+    row_lse_i    = logsumexp_j logits[i, j],  row_loss_i = row_lse_i - logits[i, pos_i]
+                   (NaN when pos_i is outside [0, M + E): never an out-of-bounds read)
+    symmetric (labels None, N == M), over the queries for each key j < M:
+    col_lse_j    = logsumexp_i logits[i, j],  col_loss_j = col_lse_j - logits[j, j]
+    backward, with P = exp(logits - row_lse[:, None]) and Pc = exp(logits - col_lse[None, :]):
+    dlogits[i, j] = grad_row_i (P[i, j] - [j == pos_i])
+                    + [symmetric, j < M] grad_col_j (Pc[i, j] - [i == j])
+    grad_query = scale dlogits @ keys,   grad_keys = scale dlogits^T @ query,
+    grad_scale = sum_ij dlogits[i, j] <query_i, keys_j>
+The kernels tile the logits (flash-attention style in Triton, GEMM blocks in C++) and
+never store them whole.
+"""
 import torch
 
-from . import _backends, _checks, ops, reference
+from . import _backends, _checks, _library, reference
+from ._library import Op, acc_dtype
+
+
+def _outputs(a):
+    acc = acc_dtype(a.query.dtype)
+    n, cols = a.query.shape[0], a.key.shape[0] if a.symmetric else 0
+    new = lambda size: a.query.new_empty((size,), dtype=acc)  # noqa: E731
+    return new(n), new(cols), new(n), new(cols)
+
+
+def _setup_context(ctx, a, outputs):
+    row_loss, col_loss, row_lse, col_lse = outputs
+    ctx.mark_non_differentiable(row_lse, col_lse)
+    ctx.set_materialize_grads(False)
+    ctx.row_lse, ctx.col_lse = row_lse, col_lse
+
+
+def _backward(ctx, grad_row, grad_col, *unused):
+    if grad_row is None and grad_col is None:
+        return {}
+    a = INFO_NCE.saved_args(ctx)
+    grad_row = torch.zeros_like(ctx.row_lse) if grad_row is None else grad_row
+    grad_col = torch.zeros_like(ctx.col_lse) if grad_col is None else grad_col
+    gq, gk, gn, gs = INFO_NCE_BACKWARD.call(
+        ctx.fusedloss_backend, grad_row=grad_row, grad_col=grad_col, query=a.query,
+        key=a.key, negatives=a.negatives, labels=a.labels, scale=a.scale,
+        row_lse=ctx.row_lse, col_lse=ctx.col_lse, symmetric=a.symmetric)
+    return {"query": gq, "key": gk, "negatives": gn if a.negatives is not None else None,
+            "scale": gs}
+
+
+def _reference(a):
+    return reference.info_nce_rows(a.query, a.key, a.negatives, a.labels, a.scale,
+                                   a.symmetric)
+
+
+INFO_NCE = Op(
+    "info_nce",
+    "(Tensor query, Tensor key, Tensor? negatives, Tensor? labels, Tensor scale, "
+    "bool symmetric) -> (Tensor row_loss, Tensor col_loss, Tensor row_lse, Tensor col_lse)",
+    outputs=_outputs, backends=("triton", "cpu", "cuda"), kernels="info_nce",
+    setup_context=_setup_context, backward=_backward, reference=_reference,
+    differentiable=(0, 1)).define()
+
+
+def _backward_outputs(a):
+    neg = torch.empty_like(a.negatives) if a.negatives is not None else a.query.new_empty((0,))
+    return (torch.empty_like(a.query), torch.empty_like(a.key), neg, torch.empty_like(a.scale))
+
+
+# The gradients of info_nce; itself not differentiable (higher-order gradients of info_nce
+# come from its reference recomputation, see fusedloss._library).
+INFO_NCE_BACKWARD = Op(
+    "info_nce_backward",
+    "(Tensor grad_row, Tensor grad_col, Tensor query, Tensor key, Tensor? negatives, "
+    "Tensor? labels, Tensor scale, Tensor row_lse, Tensor col_lse, bool symmetric) "
+    "-> (Tensor grad_query, Tensor grad_key, Tensor grad_negatives, Tensor grad_scale)",
+    outputs=_backward_outputs, backends=("triton", "cpu", "cuda"),
+    kernels="info_nce").define()
 
 
 def _check_embeddings(query, key, negatives):
@@ -65,7 +141,7 @@ def info_nce(query, key, *, temperature=0.07, logit_scale=None, labels=None, neg
         raise ValueError("symmetric=True pairs query i with key i in both directions: it "
                          f"needs labels=None and N == M (got N={n}, M={m}, labels "
                          f"{'given' if labels is not None else 'None'})")
-    acc = ops.acc_dtype(query.dtype)
+    acc = acc_dtype(query.dtype)
     if logit_scale is None:
         temperature = _checks.number("temperature", temperature, low=0.0, low_open=True)
         scale = torch.full((), 1.0 / temperature, dtype=acc, device=query.device)
@@ -79,16 +155,17 @@ def info_nce(query, key, *, temperature=0.07, logit_scale=None, labels=None, neg
     else:
         scale = torch.full((), _checks.number("logit_scale", logit_scale), dtype=acc,
                            device=query.device)
-    name = _backends.resolve(backend, query.device)
+    name = _backends.resolve(INFO_NCE, backend, query.device)
 
     if name == "reference":
         return reference.info_nce(query, key, labels=labels, negatives=negatives,
                                   logit_scale=scale, symmetric=symmetric,
                                   reduction=reduction)
 
-    negatives_k = negatives.contiguous() if negatives is not None else None
-    row_loss, col_loss, _, _ = ops.namespace(name).info_nce(
-        query.contiguous(), key.contiguous(), negatives_k, labels, scale, symmetric)
+    row_loss, col_loss, _, _ = INFO_NCE.call(
+        name, query=query.contiguous(), key=key.contiguous(),
+        negatives=negatives.contiguous() if negatives is not None else None, labels=labels,
+        scale=scale, symmetric=symmetric)
     rows = (row_loss + col_loss) / 2 if symmetric else row_loss
     if red == 0:
         return rows.to(query.dtype)

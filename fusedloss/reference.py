@@ -8,9 +8,7 @@ valid: the public functions in fusedloss validate them before calling here.
 import torch
 import torch.nn.functional as F
 
-
-def acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ._library import acc_dtype
 
 
 def transform_logits(x, logit_scale=1.0, softcap=None):
@@ -47,11 +45,9 @@ def _reduce(rows, reduction, denominator):
     total = rows.sum()
     if reduction == "sum":
         return total
-    if not isinstance(denominator, torch.Tensor):
-        return total / denominator
-    # As torch's nll_loss: with nothing counted the mean is NaN, yet the gradient is 0.
-    safe = denominator.clamp_min(torch.finfo(total.dtype).tiny)
-    return torch.where(denominator > 0, total / safe, torch.full_like(total, float("nan")))
+    # As torch's nll_loss: the mean divides by the total weight, negative or not; a total
+    # of exactly 0 gives NaN (and, through counted rows of weight 0, NaN gradients).
+    return total / denominator
 
 
 def _class_target_terms(logp, target, weight, ignore_index, class_dim):
@@ -103,6 +99,9 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
             wlogp = logp * _class_view(w, z.dim(), class_dim) if w is not None else logp
             rows = rows - (eps / n_classes) * wlogp.sum(class_dim) * valid
         rows = rows + z_loss * w_t * lse ** 2
+        # Ignored positions contribute an exact 0 to the gradient, even where the mean's
+        # factor is infinite (a total weight of 0).
+        rows = torch.where(valid, rows, torch.zeros_like(rows))
         denominator = w_t.sum()
     return _reduce(rows, reduction, denominator).to(input.dtype), lse
 
@@ -127,6 +126,7 @@ def focal_loss(input, target, gamma=2.0, alpha=None, weight=None, ignore_index=-
         rows = rows * alpha.to(acc)[safe_target]
     elif alpha is not None:
         rows = rows * alpha
+    rows = torch.where(valid, rows, torch.zeros_like(rows))  # as in cross_entropy
     return _reduce(rows, reduction, w_t.sum()).to(input.dtype)
 
 
@@ -142,22 +142,38 @@ def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none")
     return _reduce(loss, reduction, loss.numel()).to(inputs.dtype)
 
 
+def _nll_rows(logits, pos):
+    """logsumexp_j logits[i, j] - logits[i, pos_i] per row; NaN where pos_i is outside
+    [0, columns) (never an out-of-bounds gather: on CUDA that is a device assert)."""
+    in_range = (pos >= 0) & (pos < logits.shape[1])
+    safe = torch.where(in_range, pos, torch.zeros_like(pos))
+    rows = torch.logsumexp(logits, 1) - logits.gather(1, safe.unsqueeze(1)).squeeze(1)
+    return torch.where(in_range, rows, torch.full_like(rows, float("nan")))
+
+
+def info_nce_rows(query, key, negatives, labels, scale, symmetric):
+    """(row_loss, col_loss) of InfoNCE in the accumulation dtype: row i against all keys
+    and negatives (positive labels[i], or i), and, when symmetric, key j against all
+    queries (positive query j); col_loss is empty otherwise."""
+    acc = acc_dtype(query.dtype)
+    keys = key if negatives is None else torch.cat([key, negatives.to(key.dtype)])
+    scale = scale.to(acc) if isinstance(scale, torch.Tensor) else scale
+    logits = (query.to(acc) @ keys.to(acc).T) * scale
+    n, m = query.shape[0], key.shape[0]
+    pos = labels if labels is not None else torch.arange(n, device=query.device)
+    rows = _nll_rows(logits, pos)
+    if not symmetric:
+        return rows, rows.new_empty((0,))
+    return rows, _nll_rows(logits[:, :m].T, torch.arange(m, device=query.device))
+
+
 def info_nce(query, key, temperature=0.07, logit_scale=None, labels=None, negatives=None,
              symmetric=False, reduction="mean"):
     """InfoNCE over logits = query @ [key; negatives]^T * scale, scale = 1/temperature or
     logit_scale. Row i's positive is labels[i] (i by default). symmetric averages the
     query->key and key->query losses of each pair (diagonal pairing, keys only)."""
-    acc = acc_dtype(query.dtype)
-    keys = key if negatives is None else torch.cat([key, negatives.to(key.dtype)])
-    scale = logit_scale.to(acc) if logit_scale is not None else 1.0 / temperature
-    logits = (query.to(acc) @ keys.to(acc).T) * scale
-    n = query.shape[0]
-    if labels is None:
-        labels = torch.arange(n, device=query.device)
-    rows = F.cross_entropy(logits, labels, reduction="none")
+    scale = logit_scale if logit_scale is not None else 1.0 / temperature
+    rows, cols = info_nce_rows(query, key, negatives, labels, scale, symmetric)
     if symmetric:
-        m = key.shape[0]
-        cols = F.cross_entropy(logits[:, :m].T, torch.arange(m, device=query.device),
-                               reduction="none")
         rows = (rows + cols) / 2
     return _reduce(rows, reduction, rows.numel()).to(query.dtype)

@@ -1,4 +1,5 @@
-"""Math shared by the fusedloss kernels, written once.
+"""Math shared by the fusedloss Triton kernels, written once (the algebra is documented
+with each op: fusedloss/cross_entropy.py, focal.py, sigmoid_focal.py, info_nce.py).
 
 Everything computes in the dtype of its inputs: the kernels upcast to ACC (float32 for
 half inputs, float64 for float64 inputs) before calling here. Only tl.exp and tl.log are
@@ -75,16 +76,16 @@ def softcap_logits_grad(z, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 # ------------------------------------------------------------------ softmax pieces
 @triton.jit
-def online_lse_update(m, l, z):
-    """Fold a tile z [R, B] into each row's running max m and sum l of exp(z - m) (axis 1).
+def online_lse_update(m, s, z):
+    """Fold a tile z [R, B] into each row's running max m and sum s of exp(z - m) (axis 1).
 
     Rows whose values so far are all -inf (masked tails, -inf logits) keep m = -inf and
-    l = 0: the shift falls back to 0 there, so no exp(-inf - -inf) = NaN appears.
+    s = 0: the shift falls back to 0 there, so no exp(-inf - -inf) = NaN appears.
     """
     m_new = tl.maximum(m, tl.max(z, axis=1))
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    l = l * tl.exp(m - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
-    return m_new, l
+    s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
+    return m_new, s
 
 
 @triton.jit

@@ -1,27 +1,29 @@
-"""Softmax cross-entropy: loss, log-sum-exp and gradient of each row in one kernel."""
+"""Softmax cross-entropy: loss, log-sum-exp and gradient of each row in one kernel, and the
+launchers of the cross_entropy and cross_entropy_inplace ops. The algebra and its names
+(m, s, lse, p_coef, w_coef, t_coef) are those of fusedloss/cross_entropy.py."""
 import triton
 import triton.language as tl
 
+from fusedloss.kernels._launch import class_blocks, reduce_rows_into, tl_acc
 from fusedloss.kernels._math import (class_rows_tile, class_target_state, online_lse_update,
                                      scalar_arg, softcap_logits, softcap_logits_grad)
 
 
 @triton.jit
-def _soft_target_tile(target_ptr, weight_ptr, offs, c, mask, eps, C,
-                      PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
-    """tw_c, the target mass on class c that is not a single hard class, times w_c:
-    w_c ((1 - eps) t_c + eps / C) for probability targets; w_c eps / C for class-index
-    targets with label smoothing (their (1 - eps) w_t on class t is kept apart). 0 off mask."""
+def _w_term_tile(target_ptr, weight_ptr, offs, c, mask, eps, C,
+                 PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
+    """The gradient's w_c * w_coef term of a tile: w_c ((1 - eps) q_c + eps / C) for
+    probability targets q, w_c eps / C for class-index targets; 0 off the mask."""
     if HAS_WEIGHT:
-        tw = tl.load(weight_ptr + c, mask=c < C, other=0.0).to(ACC)[None, :]
+        w_term = tl.load(weight_ptr + c, mask=c < C, other=0.0).to(ACC)[None, :]
     else:
-        tw = tl.full([1, c.shape[0]], 1.0, ACC)
+        w_term = tl.full([1, c.shape[0]], 1.0, ACC)
     if PROB_TARGET:
-        tt = tl.load(target_ptr + offs, mask=mask, other=0.0).to(ACC)
-        tw = tw * ((1.0 - eps) * tt + eps / C)
+        q = tl.load(target_ptr + offs, mask=mask, other=0.0).to(ACC)
+        w_term = w_term * ((1.0 - eps) * q + eps / C)
     else:
-        tw = tw * (eps / C)
-    return tl.where(mask, tw, 0.0)
+        w_term = w_term * (eps / C)
+    return tl.where(mask, w_term, 0.0)
 
 
 @triton.jit
@@ -39,7 +41,7 @@ def _ce_fwd_bwd_kernel(
     # Each program owns BLOCK_R whole rows of the (B, C, S) input (see class_rows_tile) and
     # walks their C classes in [BLOCK_R, BLOCK_V] tiles, so any C (256k+) fits.
     # Passes: sweep 1 reads x (and a probability target) for an online log-sum-exp plus the
-    # target sums; sweep 2 (COMPUTE_GRAD) reads them again and writes the gradient.
+    # w_term sums; sweep 2 (COMPUTE_GRAD) reads them again and writes the gradient.
     # Bytes: ~(2 reads + 1 write) * N*C*sizeof(x) (one read without the gradient), plus
     # 2 * N*C*sizeof(target) for probability targets; the second read of a row is often an
     # L2 hit. The gradient may alias x (grad_ptr == x_ptr, the in-place op): sweep 2 reads
@@ -52,15 +54,13 @@ def _ce_fwd_bwd_kernel(
     softcap = scalar_arg(softcap, ACC)
     z_loss = scalar_arg(z_loss, ACC)
 
-    # Per row: the loss is hard_w (lse - z_t) + z_loss zl_w lse^2 + sum_c tw_c (lse - z_c),
-    # and the gradient dz_c = p_c p_coef - tw_c - [c == t] hard_w, where tw_c is the soft
-    # target mass of class c (see _soft_target_tile) and hard_w the class target's weight.
+    # loss = t_coef (lse - z_t) + sum_c w_term_c (lse - z_c) + z_loss w_t lse^2
     if PROB_TARGET:
         ignored = rows < 0  # no row is ignored or invalid: both masks are constant
         valid = rows >= 0
-        hard_w = tl.zeros([BLOCK_R], ACC)
-        z_t = hard_w
-        zl_w = tl.full([BLOCK_R], 1.0, ACC)
+        t_coef = tl.zeros([BLOCK_R], ACC)
+        z_t = t_coef
+        w_t = tl.full([BLOCK_R], 1.0, ACC)
     else:
         t = tl.load(target_ptr + rows, mask=row_mask, other=0)
         ignored, valid, t_safe = class_target_state(t, C, ignore_index)
@@ -68,17 +68,17 @@ def _ce_fwd_bwd_kernel(
         x_t = tl.load(x_ptr + row_base + t_safe * S, mask=row_mask, other=0.0).to(ACC)
         z_t = softcap_logits(x_t, logit_scale, softcap, HAS_SOFTCAP)
         if HAS_WEIGHT:
-            zl_w = tl.load(weight_ptr + t_safe, mask=row_mask, other=0.0).to(ACC)
+            w_t = tl.load(weight_ptr + t_safe, mask=row_mask, other=0.0).to(ACC)
         else:
-            zl_w = tl.full([BLOCK_R], 1.0, ACC)
-        hard_w = (1.0 - eps) * zl_w
+            w_t = tl.full([BLOCK_R], 1.0, ACC)
+        t_coef = (1.0 - eps) * w_t
 
-    # Sweep 1. The soft-target sums stay per lane until after the loop: one reduction,
-    # not one per tile.
+    # Sweep 1. The w_term sums stay per lane until after the loop: one reduction, not one
+    # per tile.
     m = tl.full([BLOCK_R], float("-inf"), ACC)
-    l = tl.zeros([BLOCK_R], ACC)
-    tw_sum = tl.zeros([BLOCK_R, BLOCK_V], ACC)
-    twz_sum = tl.zeros([BLOCK_R, BLOCK_V], ACC)
+    s = tl.zeros([BLOCK_R], ACC)
+    w_term_sum = tl.zeros([BLOCK_R, BLOCK_V], ACC)
+    w_term_z_sum = tl.zeros([BLOCK_R, BLOCK_V], ACC)
     for start in range(0, C, BLOCK_V):
         c = start + cols
         mask = row_mask[:, None] & (c < C)[None, :]
@@ -86,21 +86,21 @@ def _ce_fwd_bwd_kernel(
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         z = softcap_logits(x, logit_scale, softcap, HAS_SOFTCAP)
         if PROB_TARGET or SMOOTHING:
-            tw = _soft_target_tile(target_ptr, weight_ptr, offs, c, mask, eps, C,
-                                   PROB_TARGET, HAS_WEIGHT, ACC)
-            tw_sum += tw
-            twz_sum += tw * z
-        m, l = online_lse_update(m, l, tl.where(mask, z, float("-inf")))
-    lse = m + tl.log(l)
-    # p = exp(z - m) / l, not exp(z - lse): z - m is exact near the max, where p is large.
-    inv_l = 1.0 / l
+            w_term = _w_term_tile(target_ptr, weight_ptr, offs, c, mask, eps, C,
+                                  PROB_TARGET, HAS_WEIGHT, ACC)
+            w_term_sum += w_term
+            w_term_z_sum += w_term * z
+        m, s = online_lse_update(m, s, tl.where(mask, z, float("-inf")))
+    lse = m + tl.log(s)
+    # p = exp(z - m) / s, not exp(z - lse): z - m is exact near the max, where p is large.
+    inv_s = 1.0 / s
 
-    loss = hard_w * (lse - z_t) + z_loss * zl_w * lse * lse
-    p_coef = hard_w + 2.0 * z_loss * zl_w * lse
+    loss = t_coef * (lse - z_t) + z_loss * w_t * lse * lse
+    p_coef = t_coef + 2.0 * z_loss * w_t * lse
     if PROB_TARGET or SMOOTHING:
-        soft_total = tl.sum(tw_sum, axis=1)
-        loss += soft_total * lse - tl.sum(twz_sum, axis=1)
-        p_coef += soft_total
+        w_total = tl.sum(w_term_sum, axis=1)
+        loss += w_total * lse - tl.sum(w_term_z_sum, axis=1)
+        p_coef += w_total
     loss = tl.where(valid, loss, tl.where(ignored, 0.0, float("nan")))
     tl.store(loss_ptr + rows, loss, mask=row_mask)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
@@ -113,15 +113,51 @@ def _ce_fwd_bwd_kernel(
             offs = row_base[:, None] + c.to(tl.int64)[None, :] * S
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
             z = softcap_logits(x, logit_scale, softcap, HAS_SOFTCAP)
-            dz = tl.exp(z - m[:, None]) * (inv_l * p_coef)[:, None]
+            dz = tl.exp(z - m[:, None]) * (inv_s * p_coef)[:, None]
             if PROB_TARGET or SMOOTHING:
-                dz -= _soft_target_tile(target_ptr, weight_ptr, offs, c, mask, eps, C,
-                                        PROB_TARGET, HAS_WEIGHT, ACC)
+                dz -= _w_term_tile(target_ptr, weight_ptr, offs, c, mask, eps, C,
+                                   PROB_TARGET, HAS_WEIGHT, ACC)
             if not PROB_TARGET:
                 is_t = c.to(tl.int64)[None, :] == t_safe[:, None]
-                dz -= tl.where(is_t, hard_w[:, None], 0.0)
+                dz -= tl.where(is_t, t_coef[:, None], 0.0)
             dx = dz * softcap_logits_grad(z, logit_scale, softcap, HAS_SOFTCAP) * loss_scale
             # Ignored rows are exactly 0 even for non-finite logits; bad targets are NaN.
             dx = tl.where(valid[:, None], dx,
                           tl.where(ignored[:, None], 0.0, float("nan")))
             tl.store(grad_ptr + offs, dx.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------ launchers
+def _launch(a, x, loss, lse, grad):
+    """Run _ce_fwd_bwd_kernel over x into loss and lse; grad: a buffer, x itself or None."""
+    B, C, S = x.shape
+    loss_rows = lse.new_empty(lse.shape)
+    if C == 0:
+        loss_rows.fill_(float("nan"))
+        lse.fill_(float("-inf"))
+    elif B * S > 0:
+        prob_target = a.target.is_floating_point()
+        smoothing = a.label_smoothing > 0
+        grid, meta = class_blocks(B, C, S, wide=prob_target or smoothing or x.dtype.itemsize == 8)
+        _ce_fwd_bwd_kernel[grid](
+            x, a.target.contiguous(), a.weight.contiguous() if a.weight is not None else x,
+            a.loss_scale, loss_rows, lse, grad if grad is not None else x,
+            B, C, S, a.ignore_index,
+            float(a.label_smoothing), float(a.logit_scale), float(a.softcap), float(a.z_loss),
+            PROB_TARGET=prob_target, HAS_WEIGHT=a.weight is not None, SMOOTHING=smoothing,
+            HAS_SOFTCAP=a.softcap > 0, COMPUTE_GRAD=grad is not None, ACC=tl_acc(x.dtype),
+            **meta)
+    reduce_rows_into(loss, loss_rows, a.reduction, a.loss_scale)
+
+
+def cross_entropy(a, loss, lse, grad):
+    _launch(a, a.x.contiguous(), loss, lse, grad if a.compute_grad else None)
+    return loss, lse, grad
+
+
+def cross_entropy_inplace(a, loss, lse):
+    if not a.x.is_contiguous():
+        raise ValueError("fusedloss: cross_entropy_inplace needs a contiguous x "
+                         "(the gradient is written over it)")
+    _launch(a, a.x, loss, lse, grad=a.x)
+    return loss, lse

@@ -1,7 +1,11 @@
-"""Focal losses: softmax focal (per row, like cross-entropy) and sigmoid focal (elementwise)."""
+"""Focal losses: softmax focal (per row, like cross-entropy) and sigmoid focal (elementwise),
+and the launchers of their ops. The algebra is in fusedloss/focal.py and sigmoid_focal.py."""
 import triton
 import triton.language as tl
 
+from fusedloss import _backends
+from fusedloss.kernels._launch import (INTERPRET_BLOCK_ELEMS, class_blocks, reduce_rows_into,
+                                       tl_acc)
 from fusedloss.kernels._math import (class_rows_tile, class_target_state, focal_factors,
                                      online_lse_update, scalar_arg, sigmoid_focal_terms)
 
@@ -27,39 +31,39 @@ def _focal_fwd_bwd_kernel(
     t = tl.load(target_ptr + rows, mask=row_mask, other=0)
     ignored, valid, t_safe = class_target_state(t, C, ignore_index)
     z_t = tl.load(x_ptr + row_base + t_safe * S, mask=row_mask, other=0.0).to(ACC)
-    aw = tl.full([BLOCK_R], 1.0, ACC)
+    wa_t = tl.full([BLOCK_R], 1.0, ACC)  # w_t a_t
     if HAS_ALPHA:
-        aw *= tl.load(alpha_ptr + t_safe, mask=row_mask, other=0.0).to(ACC)
+        wa_t *= tl.load(alpha_ptr + t_safe, mask=row_mask, other=0.0).to(ACC)
     if HAS_WEIGHT:
-        aw *= tl.load(weight_ptr + t_safe, mask=row_mask, other=0.0).to(ACC)
+        wa_t *= tl.load(weight_ptr + t_safe, mask=row_mask, other=0.0).to(ACC)
 
     m = tl.full([BLOCK_R], float("-inf"), ACC)
-    l = tl.zeros([BLOCK_R], ACC)
+    s = tl.zeros([BLOCK_R], ACC)
     for start in range(0, C, BLOCK_V):
         c = start + cols
         mask = row_mask[:, None] & (c < C)[None, :]
         offs = row_base[:, None] + c.to(tl.int64)[None, :] * S
         z = tl.load(x_ptr + offs, mask=mask, other=float("-inf")).to(ACC)
-        m, l = online_lse_update(m, l, z)
-    lse = m + tl.log(l)
-    # p = exp(z - m) / l, not exp(z - lse): z - m is exact near the max, where p is large.
-    inv_l = 1.0 / l
+        m, s = online_lse_update(m, s, z)
+    lse = m + tl.log(s)
+    # p = exp(z - m) / s, not exp(z - lse): z - m is exact near the max, where p is large.
+    inv_s = 1.0 / s
 
     logp_t = z_t - lse
     q_gamma, grad_factor = focal_factors(logp_t, gamma)
-    loss = tl.where(valid, -aw * q_gamma * logp_t, tl.where(ignored, 0.0, float("nan")))
+    loss = tl.where(valid, -wa_t * q_gamma * logp_t, tl.where(ignored, 0.0, float("nan")))
     tl.store(loss_ptr + rows, loss, mask=row_mask)
 
     if COMPUTE_GRAD:
         loss_scale = tl.load(loss_scale_ptr).to(ACC)
-        coef = tl.where(valid, aw * grad_factor * loss_scale,
+        coef = tl.where(valid, wa_t * grad_factor * loss_scale,
                         tl.where(ignored, 0.0, float("nan")))
         for start in range(0, C, BLOCK_V):
             c = start + cols
             mask = row_mask[:, None] & (c < C)[None, :]
             offs = row_base[:, None] + c.to(tl.int64)[None, :] * S
             z = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-            p = tl.exp(z - m[:, None]) * inv_l[:, None]
+            p = tl.exp(z - m[:, None]) * inv_s[:, None]
             is_t = c.to(tl.int64)[None, :] == t_safe[:, None]
             dx = coef[:, None] * (p - tl.where(is_t, 1.0, 0.0))
             # coef = 0 alone would leave NaN for ignored rows with non-finite logits.
@@ -92,3 +96,39 @@ def _sigmoid_focal_kernel(
     if COMPUTE_GRAD:
         dx *= tl.load(loss_scale_ptr).to(ACC)
         tl.store(grad_ptr + offs, dx.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------ launchers
+def focal_loss(a, loss, grad):
+    x = a.x.contiguous()
+    B, C, S = x.shape
+    loss_rows = loss.new_empty((B * S,), dtype=a.loss_scale.dtype)
+    if C == 0:
+        loss_rows.fill_(float("nan"))
+    elif B * S > 0:
+        grid, meta = class_blocks(B, C, S, wide=x.dtype.itemsize == 8)
+        _focal_fwd_bwd_kernel[grid](
+            x, a.target.contiguous(), a.alpha.contiguous() if a.alpha is not None else x,
+            a.weight.contiguous() if a.weight is not None else x, a.loss_scale,
+            loss_rows, grad if a.compute_grad else x,
+            B, C, S, a.ignore_index, float(a.gamma),
+            HAS_ALPHA=a.alpha is not None, HAS_WEIGHT=a.weight is not None,
+            COMPUTE_GRAD=a.compute_grad, ACC=tl_acc(x.dtype), **meta)
+    reduce_rows_into(loss, loss_rows, a.reduction, a.loss_scale)
+    return loss, grad
+
+
+def sigmoid_focal_loss(a, loss, grad):
+    x = a.x.contiguous().view(-1)
+    n = x.numel()
+    block = INTERPRET_BLOCK_ELEMS if _backends.triton_interpret() else 1024
+    n_programs = triton.cdiv(n, block)
+    loss_buf = x.new_empty((n_programs if a.reduction else n,), dtype=a.loss_scale.dtype)
+    if n > 0:
+        _sigmoid_focal_kernel[(n_programs,)](
+            x, a.target.contiguous().view(-1), a.loss_scale, loss_buf,
+            grad if a.compute_grad else x, n, float(a.alpha), float(a.gamma),
+            REDUCE=a.reduction != 0, COMPUTE_GRAD=a.compute_grad, ACC=tl_acc(x.dtype),
+            BLOCK=block, num_warps=4)
+    reduce_rows_into(loss, loss_buf, a.reduction, a.loss_scale)
+    return loss, grad

@@ -1,8 +1,12 @@
 """InfoNCE in flash-attention-style tiles: logits are recomputed tile by tile and never
-stored, so memory stays O((N + M) * D) for N queries against M keys (+ E negatives)."""
+stored, so memory stays O((N + M) * D) for N queries against M keys (+ E negatives).
+The algebra is in fusedloss/info_nce.py; the launchers of its two ops are at the end."""
+import torch
 import triton
 import triton.language as tl
 
+from fusedloss import _backends
+from fusedloss.kernels._launch import INTERPRET_BLOCK_NCE, TL_DTYPE, np2, tl_acc
 from fusedloss.kernels._math import online_lse_update
 
 
@@ -32,7 +36,7 @@ def _sim_tile(a_ptr, a_rows, a_mask, b_ptr, b_rows, b_mask, D,
 
 
 @triton.jit
-def _info_nce_lse_block(m, l, pos_logit, a_ptr, rows, row_mask, pos, b_ptr, n_b, col_offset,
+def _info_nce_lse_block(m, s, pos_logit, a_ptr, rows, row_mask, pos, b_ptr, n_b, col_offset,
                         scale, D, ACC: tl.constexpr, DOT_DTYPE: tl.constexpr,
                         DOT_PRECISION: tl.constexpr, BLOCK_A: tl.constexpr,
                         BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -41,13 +45,13 @@ def _info_nce_lse_block(m, l, pos_logit, a_ptr, rows, row_mask, pos, b_ptr, n_b,
     for start in range(0, n_b, BLOCK_B):
         c = start + cols
         c_mask = c < n_b
-        s = scale * _sim_tile(a_ptr, rows, row_mask, b_ptr, c, c_mask, D, ACC, DOT_DTYPE,
-                              DOT_PRECISION, BLOCK_A, BLOCK_B, BLOCK_D)
+        logits = scale * _sim_tile(a_ptr, rows, row_mask, b_ptr, c, c_mask, D, ACC, DOT_DTYPE,
+                                   DOT_PRECISION, BLOCK_A, BLOCK_B, BLOCK_D)
         # The positive logit is taken from the same tile the lse sums, so loss >= 0.
         is_pos = (col_offset + c)[None, :] == pos[:, None]
-        pos_logit += tl.sum(tl.where(is_pos, s, 0.0), axis=1)
-        m, l = online_lse_update(m, l, tl.where(c_mask[None, :], s, float("-inf")))
-    return m, l, pos_logit
+        pos_logit += tl.sum(tl.where(is_pos, logits, 0.0), axis=1)
+        m, s = online_lse_update(m, s, tl.where(c_mask[None, :], logits, float("-inf")))
+    return m, s, pos_logit
 
 
 @triton.jit
@@ -74,17 +78,17 @@ def _info_nce_fwd_kernel(
         pos = rows.to(tl.int64)
     scale = tl.load(scale_ptr).to(ACC)
     m = tl.full([BLOCK_A], float("-inf"), ACC)
-    l = tl.zeros([BLOCK_A], ACC)
+    s = tl.zeros([BLOCK_A], ACC)
     pos_logit = tl.zeros([BLOCK_A], ACC)
-    m, l, pos_logit = _info_nce_lse_block(m, l, pos_logit, a_ptr, rows, row_mask, pos, b_ptr,
+    m, s, pos_logit = _info_nce_lse_block(m, s, pos_logit, a_ptr, rows, row_mask, pos, b_ptr,
                                           n_b, 0, scale, D, ACC, DOT_DTYPE, DOT_PRECISION,
                                           BLOCK_A, BLOCK_B, BLOCK_D)
     if HAS_EXTRA:
-        m, l, pos_logit = _info_nce_lse_block(m, l, pos_logit, a_ptr, rows, row_mask, pos,
+        m, s, pos_logit = _info_nce_lse_block(m, s, pos_logit, a_ptr, rows, row_mask, pos,
                                               extra_ptr, n_extra, n_b, scale, D, ACC,
                                               DOT_DTYPE, DOT_PRECISION, BLOCK_A, BLOCK_B,
                                               BLOCK_D)
-    lse = m + tl.log(l)
+    lse = m + tl.log(s)
     pos_ok = (pos >= 0) & (pos < n_b + n_extra)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
     tl.store(loss_ptr + rows, tl.where(pos_ok, lse - pos_logit, float("nan")), mask=row_mask)
@@ -232,3 +236,103 @@ def _info_nce_bwd_dk_kernel(
     tl.store(db_ptr + cb.to(tl.int64)[:, None] * D + d_out[None, :],
              (db * scale).to(db_ptr.dtype.element_ty),
              mask=cb_mask[:, None] & d_out_mask[None, :])
+
+
+# ------------------------------------------------------------------------------ launchers
+def _nce_meta(dtype, D):
+    """Tile sizes for the InfoNCE kernels; tl.dot needs every dimension >= 16.
+
+    GPU choices were checked by compiling for sm_90 (no spills at these sizes); they are
+    not yet tuned by measurement.
+    """
+    d = max(16, np2(D))
+    if _backends.triton_interpret():
+        b = INTERPRET_BLOCK_NCE
+        return dict(BLOCK_N=b, BLOCK_M=b, BLOCK_D=min(d, b), BLOCK_DOUT=min(d, b),
+                    num_warps=1)
+    if dtype == torch.float64:
+        return dict(BLOCK_N=32, BLOCK_M=32, BLOCK_D=min(d, 32), BLOCK_DOUT=min(d, 32),
+                    num_warps=4)
+    block_d = 32 if dtype == torch.float32 else 64
+    return dict(BLOCK_N=64, BLOCK_M=64, BLOCK_D=min(d, block_d), BLOCK_DOUT=min(d, 64),
+                num_warps=8)
+
+
+def _dot_meta(dtype):
+    """DOT_DTYPE and DOT_PRECISION of the InfoNCE kernels (see _sim_tile)."""
+    dot_dtype = TL_DTYPE[dtype]
+    if dtype == torch.bfloat16 and _backends.triton_interpret():
+        dot_dtype = tl.float32  # the interpreter's dot is wrong on bf16 operands
+    # IEEE for float32 (TF32 would round the inputs to 10 mantissa bits) and float64.
+    precision = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    return dict(DOT_DTYPE=dot_dtype, DOT_PRECISION=precision)
+
+
+def _embeddings(a):
+    """query, key and negatives contiguous, in query's dtype; E, the number of negatives."""
+    q = a.query.contiguous()
+    k = a.key.to(q.dtype).contiguous()
+    neg = a.negatives.to(q.dtype).contiguous() if a.negatives is not None else None
+    return q, k, neg, neg.shape[0] if neg is not None else 0
+
+
+def info_nce(a, row_loss, col_loss, row_lse, col_lse):
+    q, k, neg, E = _embeddings(a)
+    (N, D), M = q.shape, k.shape[0]
+    meta = _nce_meta(q.dtype, D)
+    blocks = dict(ACC=tl_acc(q.dtype), **_dot_meta(q.dtype),
+                  BLOCK_A=meta["BLOCK_N"], BLOCK_B=meta["BLOCK_M"], BLOCK_D=meta["BLOCK_D"],
+                  num_warps=meta["num_warps"])
+
+    def lse_and_loss(lse, loss, rows, cols, extra, labels, n_a, n_b, n_extra):
+        if n_a > 0:
+            _info_nce_fwd_kernel[(triton.cdiv(n_a, blocks["BLOCK_A"]),)](
+                rows, cols, extra if extra is not None else cols,
+                labels.contiguous() if labels is not None else lse, a.scale, lse, loss,
+                n_a, n_b, n_extra, D, HAS_EXTRA=extra is not None and n_extra > 0,
+                HAS_LABELS=labels is not None, **blocks)
+
+    lse_and_loss(row_lse, row_loss, q, k, neg, a.labels, N, M, E)
+    if a.symmetric:
+        lse_and_loss(col_lse, col_loss, k, q, None, None, M, N, 0)
+    return row_loss, col_loss, row_lse, col_lse
+
+
+def info_nce_backward(a, grad_query, grad_key, grad_negatives, grad_scale):
+    q, k, neg, E = _embeddings(a)
+    (N, D), M = q.shape, k.shape[0]
+    acc = a.row_lse.dtype
+    meta = _nce_meta(q.dtype, D)
+    has_col = bool(a.symmetric) and a.grad_col.numel() > 0
+    grad_row = a.grad_row.to(acc).contiguous()
+    grad_col = a.grad_col.to(acc).contiguous() if has_col else grad_row
+    row_lse = a.row_lse.contiguous()
+    col_lse = a.col_lse.contiguous() if has_col else row_lse
+    labels = a.labels.contiguous() if a.labels is not None else grad_row
+    common = dict(ACC=tl_acc(q.dtype), **_dot_meta(q.dtype), **meta)
+    n_dout = triton.cdiv(D, meta["BLOCK_DOUT"])
+
+    gq = torch.empty((N, D), dtype=q.dtype, device=q.device)
+    n_qblocks = triton.cdiv(N, meta["BLOCK_N"])
+    scale_partials = torch.zeros(n_qblocks, dtype=acc, device=q.device)
+    if N > 0 and D > 0:
+        _info_nce_bwd_dq_kernel[(n_qblocks, n_dout)](
+            q, k, neg if neg is not None else k, labels, a.scale, grad_row, grad_col,
+            row_lse, col_lse, gq, scale_partials, N, M, E, D,
+            HAS_NEG=E > 0, HAS_LABELS=a.labels is not None, HAS_COL=has_col, **common)
+
+    def grad_of(out, b, n_b, col_offset, with_col):
+        db = torch.empty((n_b, D), dtype=q.dtype, device=q.device)
+        if n_b > 0 and D > 0:
+            _info_nce_bwd_dk_kernel[(triton.cdiv(n_b, meta["BLOCK_M"]), n_dout)](
+                q, b, labels, a.scale, grad_row, grad_col, row_lse, col_lse, db,
+                N, n_b, col_offset, D, HAS_LABELS=a.labels is not None, HAS_COL=with_col,
+                **common)
+        out.copy_(db)
+
+    grad_query.copy_(gq)
+    grad_of(grad_key, k, M, 0, has_col)
+    if neg is not None:
+        grad_of(grad_negatives, neg, E, M, False)
+    grad_scale.copy_(scale_partials.sum().reshape(grad_scale.shape))
+    return grad_query, grad_key, grad_negatives, grad_scale

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 import fusedloss
-from conftest import assert_close, assert_matches, assert_refusals
+from conftest import assert_close, assert_matches
+from contract import LossContract, Sample
 
 
 def focal_formula(x, t, gamma, alpha, weight, ignore_index, reduction):
@@ -92,16 +93,16 @@ def test_gradient_finite_when_confident(backend, device, gamma):
         assert torch.isfinite(loss) and torch.isfinite(xa.grad).all()
 
 
-def test_gradcheck(backend, device):
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+def test_gradcheck_gamma(backend, device, gamma):
     x = torch.randn(4, 9, 2, dtype=torch.float64, device=device, requires_grad=True)
     t = torch.tensor([[1, -100], [8, 0], [5, 5], [2, 3]], device=device)
     alpha = torch.rand(9, dtype=torch.float64, device=device)
     w = torch.rand(9, dtype=torch.float64, device=device) + 0.5
-    for gamma in (0.5, 2.0):
-        f = lambda x: fusedloss.focal_loss(x, t, gamma, alpha, w, reduction="none",
-                                           backend=backend)
-        with fusedloss.reusable_graph():  # gradcheck runs backward many times
-            assert torch.autograd.gradcheck(f, (x,))
+    f = lambda x: fusedloss.focal_loss(x, t, gamma, alpha, w, reduction="none",  # noqa: E731
+                                       backend=backend)
+    with fusedloss.reusable_graph():  # gradcheck runs backward many times
+        assert torch.autograd.gradcheck(f, (x,))
 
 
 def test_module(backend, device):
@@ -113,34 +114,54 @@ def test_module(backend, device):
     assert "alpha" in dict(m.named_buffers())
 
 
-def test_torch_compile_and_opcheck(kernel_backend, device):
-    from fusedloss import ops
-    x = torch.randn(4, 33, 2, device=device, requires_grad=True)
-    t = torch.tensor([[0, 5], [-100, 32], [7, 1], [2, 3]], device=device)
-    alpha = torch.rand(33, device=device)
-    compiled = torch.compile(lambda x: fusedloss.focal_loss(x, t, 2.0, alpha,
-                                                            backend=kernel_backend),
-                             fullgraph=True)
-    ya = compiled(x)
-    yb = focal_formula(x, t, 2.0, alpha, None, -100, "mean")
-    assert_close(ya, yb, torch.float32)
-    ns = ops.namespace(kernel_backend)
-    for red in (0, 1):
-        torch.library.opcheck(ns.focal_loss, (x, t.view(-1), alpha, None,
-                                              torch.tensor(0.2, device=device), 0.7, -100,
-                                              red, True))
+class TestFocalContract(LossContract):
+    fn = fusedloss.focal_loss
+    ops = ("focal_loss",)
 
+    def sample(self, device, dtype, shape=(5, 37, 3)):
+        x = (torch.randn(shape, dtype=torch.float64) * 3).to(dtype).to(device)
+        t = torch.randint(0, shape[1], (shape[0],) + shape[2:], device=device)
+        t.view(-1)[1::4] = -100
+        alpha = torch.rand(shape[1], dtype=torch.float64).to(dtype).to(device)
+        w = (torch.rand(shape[1], dtype=torch.float64) + 0.3).to(dtype).to(device)
+        return Sample((x.requires_grad_(), t), dict(gamma=1.5, alpha=alpha, weight=w))
 
-def test_bad_input(backend, device):
-    x = torch.randn(4, 5, device=device)
-    t = torch.tensor([0, 1, 2, 3], device=device)
-    cases = [
-        (dict(gamma=-1.0), ValueError, "gamma"),
-        (dict(alpha=torch.rand(4, device=device)), ValueError, "alpha"),
-        (dict(weight=torch.rand(3, device=device)), ValueError, "weight"),
-        (dict(target=torch.tensor([0, 1, 2, 5], device=device)), IndexError, "target"),
-        (dict(target=torch.rand(4, 5, device=device)), TypeError, "target"),
-        (dict(target=t[:3]), ValueError, "target"),
-        (dict(reduction="max"), ValueError, "reduction"),
-    ]
-    assert_refusals(fusedloss.focal_loss, dict(input=x, target=t), cases, backend=backend)
+    def gradcheck_sample(self, device):
+        return self.sample(device, torch.float64, shape=(4, 9, 2))
+
+    def expected(self, x, t, gamma, alpha, weight, ignore_index=-100, reduction="mean"):
+        return focal_formula(x, t, gamma, alpha, weight, ignore_index, reduction)
+
+    def torch_equivalent(self, x, t, gamma, alpha, weight, ignore_index=-100,
+                         reduction="mean"):
+        """The same formula, evaluated by torch in the inputs' dtype."""
+        logp = torch.log_softmax(x, 1)
+        counted = t != ignore_index
+        safe = torch.where(counted, t, torch.zeros_like(t))
+        logp_t = logp.gather(1, safe.unsqueeze(1)).squeeze(1)
+        w_t = weight[safe] * counted
+        rows = -((1 - logp_t.exp()) ** gamma) * logp_t * alpha[safe] * w_t
+        return rows.sum() / w_t.sum()
+
+    def op_samples(self, device):
+        x = torch.randn(4, 33, 2, device=device, requires_grad=True)
+        t = torch.tensor([0, 5, -100, 32, 7, 1, 2, 3], device=device)
+        alpha = torch.rand(33, device=device)
+        return [("focal_loss", dict(x=x, target=t, alpha=alpha, weight=weight,
+                                    loss_scale=torch.tensor(0.2, device=device), gamma=0.7,
+                                    ignore_index=-100, reduction=r, compute_grad=True))
+                for r, weight in ((0, None), (1, torch.rand(33, device=device)))]
+
+    def bad_inputs(self, device):
+        x = torch.randn(4, 5, device=device)
+        t = torch.tensor([0, 1, 2, 3], device=device)
+        return dict(input=x, target=t), [
+            (dict(gamma=-1.0), ValueError, "gamma"),
+            (dict(alpha=torch.rand(4, device=device)), ValueError, "alpha"),
+            (dict(weight=torch.rand(3, device=device)), ValueError, "weight"),
+            (dict(target=torch.tensor([0, 1, 2, 5], device=device)), IndexError, "target"),
+            (dict(target=torch.rand(4, 5, device=device)), TypeError, "target"),
+            (dict(target=t[:3]), ValueError, "target"),
+            (dict(reduction="max"), ValueError, "reduction"),
+            (dict(ignore_index=1.5), TypeError, "ignore_index"),
+        ]

@@ -1,8 +1,8 @@
-// The row kernels built for the baseline instruction set of the compiler flags (any CPU).
+// The CPU kernels built for the baseline instruction set of the compiler flags (any CPU).
 // Named to sort before the x86 variants: the linker keeps the first copy of an inline
 // function it meets, and this is the copy that must run everywhere.
 #define CPU_CAPABILITY DEFAULT
-#include "cpu/rowwise_impl.h"
+#include "cpu/isa_kernels.h"
 
 namespace fusedloss {
 namespace cpu {

@@ -1,0 +1,149 @@
+// The CPU launches (cpu::Device, declared in device.h): the kernel table for this CPU,
+// at::parallel_for over rows, chunks or columns, and the deterministic sums.
+//
+// Threads split the work into contiguous ranges; every row (chunk, column) is computed by
+// one thread in a fixed order and partial results are summed by a fixed pairwise tree
+// afterwards, so results do not depend on the number of threads.
+#include "cpu/device.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "cpu/kernel_table.h"
+
+namespace fusedloss {
+namespace cpu {
+namespace {
+
+const KernelTable& kernel_table() {
+  static const KernelTable* table = [] {
+    // ATen's choice honours ATEN_CPU_CAPABILITY; the CPUID check guards against a
+    // libtorch that reports more than this CPU has. The x86 tables are only touched
+    // after both agree (their code uses the instructions they are built for).
+    const std::string cap = at::get_cpu_capability();
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                        __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") &&
+                        __builtin_cpu_supports("avx512dq");
+    if (cap == "AVX512" && avx512 && kernel_table_avx512().softmax_rows[0])
+      return &kernel_table_avx512();
+    if ((cap == "AVX512" || cap == "AVX2") && avx2 && kernel_table_avx2().softmax_rows[0])
+      return &kernel_table_avx2();
+#endif
+    return &kernel_table_default();
+  }();
+  return *table;
+}
+
+int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(work_per_item, 1));
+}
+
+int acc_index(DType acc) { return acc == DType::kDouble ? 1 : 0; }
+
+// Deterministic sum: a fixed pairwise tree over the index range, independent of the
+// number of threads, in the accumulation type.
+template <class T>
+T pairwise_sum(const T* p, int64_t n) {
+  if (n <= 256) {
+    T s = T(0);
+    for (int64_t i = 0; i < n; ++i) s += p[i];
+    return s;
+  }
+  const int64_t h = n / 2;
+  return pairwise_sum(p, h) + pairwise_sum(p + h, n - h);
+}
+
+}  // namespace
+
+at::Tensor Device::sum_rows(const at::Tensor& rows, const at::Tensor& scale,
+                            at::ScalarType out_dtype) {
+  at::Tensor total = at::empty({}, rows.options());
+  const at::Tensor r = rows.contiguous();
+  if (r.scalar_type() == at::kDouble) {
+    double s = pairwise_sum(r.const_data_ptr<double>(), r.numel());
+    if (scale.defined()) s *= scale.item<double>();  // a CPU tensor: no synchronisation
+    total.fill_(s);
+  } else {
+    float s = pairwise_sum(r.const_data_ptr<float>(), r.numel());
+    if (scale.defined()) s *= scale.item<float>();
+    total.fill_(static_cast<double>(s));
+  }
+  return total.to(out_dtype);
+}
+
+// A new gradient buffer (N x V floats: hundreds of MiB for a language-model vocabulary)
+// is first touched by the kernel that writes it, one page fault per 4 KiB page; for
+// 4096 x 32000 float32 on a 2-core VM that costs ~150-190 ms, several times the kernel's
+// own ~30 ms. FUSEDLOSS_CPU_HUGEPAGES=1 asks for transparent huge pages on the buffer's
+// untouched, 2 MiB-aligned interior (one fault per 2 MiB; measured ~5x less there). It is
+// opt-in because on that VM a call made a second or more after the previous buffer was
+// freed sometimes paid far more instead (0.5-1.5 s; likely the hypervisor reclaiming
+// freed 2 MiB blocks of guest memory). Only advice: with THP off, nothing changes.
+at::Tensor Device::new_grad(const at::Tensor& x) {
+  at::Tensor t = at::empty_like(x, at::MemoryFormat::Contiguous);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + t.nbytes();
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = end & ~(kHuge - 1);
+  static const bool enabled = [] {
+    const char* v = std::getenv("FUSEDLOSS_CPU_HUGEPAGES");
+    return v != nullptr && v[0] == '1';
+  }();
+  if (enabled && t.nbytes() >= 4 * kHuge && hi > lo) {
+    madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // failure: keep 4 KiB
+  }
+#endif
+  return t;
+}
+
+void Device::softmax_rows(const RowArgs& a) {
+  const KernelTable& k = kernel_table();
+  const int64_t lanes = a.S > 1 ? k.lanes[int(a.dtype)] : 1;
+  const int64_t items = a.S > 1 ? a.B * ((a.S + lanes - 1) / lanes) : a.N;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / (a.C * lanes));
+  const SoftmaxRowsFn fn = k.softmax_rows[int(a.dtype)];
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+}
+
+int64_t Device::sigmoid_focal_partials(int64_t n) {
+  return std::max<int64_t>(1, (n + kSigmoidFocalChunk - 1) / kSigmoidFocalChunk);
+}
+
+void Device::sigmoid_focal(const SigmoidFocalArgs& a) {
+  const SigmoidFocalFn fn = kernel_table().sigmoid_focal[int(a.dtype)];
+  const int64_t chunks = (a.n + kSigmoidFocalChunk - 1) / kSigmoidFocalChunk;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+}
+
+int64_t Device::info_nce_workspace(int64_t, int64_t) { return 0; }
+
+void Device::info_nce_rows_fwd(const InfoNceBlockArgs& a) {
+  const InfoNceFn fn = kernel_table().info_nce_rows_fwd[acc_index(a.acc)];
+  at::parallel_for(0, a.nb, grain_for(a.K), [&](int64_t b, int64_t e) { fn(a, b, e); });
+}
+
+void Device::info_nce_cols_fwd(const InfoNceBlockArgs& a) {
+  const InfoNceFn fn = kernel_table().info_nce_cols_fwd[acc_index(a.acc)];
+  at::parallel_for(0, a.M, grain_for(a.nb), [&](int64_t b, int64_t e) { fn(a, b, e); });
+}
+
+void Device::info_nce_rows_bwd(const InfoNceBlockArgs& a) {
+  const InfoNceFn fn = kernel_table().info_nce_rows_bwd[acc_index(a.acc)];
+  at::parallel_for(0, a.nb, grain_for(a.K), [&](int64_t b, int64_t e) { fn(a, b, e); });
+}
+
+}  // namespace cpu
+}  // namespace fusedloss

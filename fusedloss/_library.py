@@ -1,0 +1,257 @@
+"""The op layer: every torch.library op of fusedloss is one `Op`, written once.
+
+An Op holds
+  schema     the op's signature, its only copy: everything else reads the arguments by
+             name (`a.x`, `a.ignore_index`). setup.py generates the C++ view of it, one
+             struct per op (see csrc/common/op_boxing.h), so a C++ kernel that reads an
+             argument the schema lacks, or reads it with the wrong type, does not compile.
+  outputs    allocates the outputs from the arguments: the op's fake kernel, and the
+             buffers the Triton launcher fills (fusedloss.kernels.<module>.<name>).
+  backends   the kernel backends that implement it ("triton", "cpu", "cuda"); the
+             reference is always one more (fusedloss._backends decides per op and device).
+  autograd   `setup_context` / `backward`, reading the arguments by name, and `reference`:
+             the differentiable outputs recomputed in torch ops. A backward run with
+             create_graph=True (double backward, gradient penalties) differentiates that
+             recomputation, so higher-order gradients are exact on every backend.
+
+`Op.define()` registers the op in two namespaces with the same schema:
+  torch.ops.fusedloss.<name>         C++ kernels: fusedloss._C registers the CPU ones and
+                                     fusedloss._C_cuda the CUDA ones (TORCH_LIBRARY_IMPL)
+  torch.ops.fusedloss_triton.<name>  the Triton launcher (CPU tensors: TRITON_INTERPRET=1)
+"""
+import contextlib
+import contextvars
+import functools
+import importlib
+import types
+
+import torch
+
+CPP_NS = "fusedloss"
+TRITON_NS = "fusedloss_triton"
+OPS = {}  # name -> Op, in definition order
+
+_libraries = {ns: torch.library.Library(ns, "DEF") for ns in (CPP_NS, TRITON_NS)}
+
+
+def acc_dtype(dtype):
+    """The accumulation dtype: float64 for float64 inputs, float32 for the rest."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class Op:
+    def __init__(self, name, schema, *, outputs, backends, kernels=None, setup_context=None,
+                 backward=None, reference=None, differentiable=(0,)):
+        self.name, self.schema = name, schema
+        parsed = torch._C.parse_schema(f"{CPP_NS}::{name}{schema}")
+        self.arg_names = tuple(a.name for a in parsed.arguments)
+        self.tensor_args = tuple(a.name for a in parsed.arguments
+                                 if str(a.type) in ("Tensor", "Optional[Tensor]"))
+        self.mutable = any(a.alias_info is not None and a.alias_info.is_write
+                           for a in parsed.arguments)
+        self.outputs = outputs
+        self.backends = tuple(backends)
+        self.kernels = kernels  # module of fusedloss.kernels holding the Triton launcher
+        self._setup, self._backward, self.reference = setup_context, backward, reference
+        self.differentiable = differentiable  # output indices the reference recomputes
+
+    def bind(self, values):
+        """The arguments, positional as the dispatcher passes them, by name."""
+        return types.SimpleNamespace(**dict(zip(self.arg_names, values)))
+
+    def call(self, backend, **kwargs):
+        """Run the op with `backend`'s kernels: "triton", or "cpu" / "cuda" (the C++ ops,
+        which the dispatcher sends to the tensors' device; a backward passes on the
+        namespace of its forward, ctx.fusedloss_backend)."""
+        ns = TRITON_NS if backend in ("triton", TRITON_NS) else CPP_NS
+        return getattr(getattr(torch.ops, ns), self.name)(**kwargs)
+
+    def define(self):
+        if self.name in OPS:
+            raise RuntimeError(f"fusedloss op {self.name!r} is defined twice")
+        OPS[self.name] = self
+        for ns, lib in _libraries.items():
+            lib.define(self.name + self.schema)
+            torch.library.register_fake(f"{ns}::{self.name}", self._fake)
+            if not self.mutable:  # torch has no autograd formulas for mutating ops
+                torch.library.register_autograd(
+                    f"{ns}::{self.name}", self._autograd_backward,
+                    setup_context=functools.partial(self._autograd_setup, ns))
+        if "triton" in self.backends:
+            _libraries[TRITON_NS].impl(self.name, self._triton, "CompositeExplicitAutograd")
+        return self
+
+    # ---------------------------------------------------------------- kernels
+    def _fake(self, *args):
+        return self.outputs(self.bind(args))
+
+    def _triton(self, *args):
+        a = self.bind(args)
+        launcher = getattr(importlib.import_module(f"fusedloss.kernels.{self.kernels}"),
+                           self.name)
+        device = args[0].device
+        # Triton launches on the current CUDA device: make it the input's.
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            return launcher(a, *self.outputs(a))
+
+    # ---------------------------------------------------------------- autograd
+    def _autograd_setup(self, ns, ctx, inputs, output):
+        a = self.bind(inputs)
+        ctx.fusedloss_backend = ns
+        # Every tensor input is saved, but only unpacked (and version-checked) by a
+        # backward that needs it: a higher-order one always does.
+        ctx.save_for_backward(*(getattr(a, n) for n in self.tensor_args))
+        ctx.fusedloss_scalars = {n: v for n, v in vars(a).items() if n not in self.tensor_args}
+        if self._setup is not None:
+            self._setup(ctx, a, output)
+
+    def saved_args(self, ctx):
+        """The op's arguments in a backward, tensors from the saved ones."""
+        return types.SimpleNamespace(**ctx.fusedloss_scalars,
+                                     **dict(zip(self.tensor_args, ctx.saved_tensors)))
+
+    def _autograd_backward(self, ctx, *grads):
+        if self._backward is None:
+            raise RuntimeError(f"fusedloss::{self.name} is not differentiable (it computes "
+                               "gradients itself); differentiate the loss that calls it")
+        if torch.is_grad_enabled():  # create_graph=True
+            grads_in = self._higher_order(ctx, grads)
+        else:
+            grads_in = self._backward(ctx, *grads)
+        return tuple(grads_in.get(n) for n in self.arg_names)
+
+    def _higher_order(self, ctx, grads):
+        """Gradients that are themselves differentiable: the reference recomputation of the
+        differentiable outputs, differentiated with create_graph=True. The fast backward
+        treats its saved gradient as a constant and would drop the second-order terms."""
+        a = self.saved_args(ctx)
+        wanted = [n for n, need in zip(self.arg_names, ctx.needs_input_grad) if need]
+        with torch.enable_grad():
+            outs = self.reference(a)
+        pairs = [(o, grads[i]) for o, i in zip(outs, self.differentiable)
+                 if grads[i] is not None and o.requires_grad]
+        if not wanted or not pairs:
+            return {}
+        got = torch.autograd.grad([o for o, _ in pairs], [getattr(a, n) for n in wanted],
+                                  [g for _, g in pairs], create_graph=True, allow_unused=True)
+        return dict(zip(wanted, got))
+
+
+# -------------------------------------------------------------------- saved gradients
+# The row-wise ops (cross-entropy, focal, sigmoid focal) compute d loss / d x in their
+# forward and return it as their last output; the backward only scales it by the
+# incoming gradient. By default the autograd graph owns that buffer and the backward
+# scales it in place, so fwd+bwd never holds more than the logits and one gradient.
+_keep_gradient_buffers = contextvars.ContextVar("fusedloss_keep_gradient_buffers",
+                                                default=False)
+
+
+@contextlib.contextmanager
+def reusable_graph():
+    """Build losses whose autograd graph can be run backward more than once.
+
+    By default a kernel backend keeps one gradient buffer per loss and its backward scales
+    that buffer in place, so fwd+bwd never holds more than the logits and one gradient.
+    That consumes the buffer: a second backward through the same graph (retain_graph=True,
+    torch.autograd.gradcheck) raises. Losses computed inside this context keep the buffer
+    intact instead, at the cost of one more gradient-sized buffer during the backward.
+    """
+    token = _keep_gradient_buffers.set(True)
+    try:
+        yield
+    finally:
+        _keep_gradient_buffers.reset(token)
+
+
+def reusable_graph_active():
+    return _keep_gradient_buffers.get()
+
+
+def owned(grad):
+    """Hand an op's gradient output over to the autograd graph: the backward may scale it
+    in place (the functional layer drops its own reference right after)."""
+    if not torch.compiler.is_compiling() and not _keep_gradient_buffers.get():
+        grad._fusedloss_owned = True
+    return grad
+
+
+CONSUMED = ("fusedloss: this loss's gradient buffer was already scaled in place by an "
+            "earlier backward through the same graph; to run backward more than once "
+            "(retain_graph=True, gradcheck), compute the loss inside "
+            "`with fusedloss.reusable_graph():`")
+
+
+def scale_grad(grad, grad_out, reduction, row_shape, in_place):
+    """d loss / d x = (saved per-row gradient) * grad_out, broadcast over each row."""
+    if reduction == 0:
+        grad_out = grad_out.reshape(row_shape)
+    if not in_place:
+        return grad * grad_out
+    # A loss that ends the graph gets grad_out == 1: skip that pass over the buffer where
+    # reading the value is free (a CPU scalar; on CUDA it would be a host sync).
+    if grad_out.device.type == "cpu" and grad_out.numel() == 1 and float(grad_out) == 1.0:
+        return grad
+    return grad.mul_(grad_out)
+
+
+class SavedGradient:
+    """setup_context and backward of an op whose last output is d(sum of its loss rows *
+    loss_scale) / d x. `row_shape(x)`: the shape that broadcasts a per-row gradient of the
+    loss over x (reduction "none")."""
+
+    def __init__(self, row_shape):
+        self.row_shape = row_shape
+
+    def setup_context(self, ctx, a, outputs):
+        ctx.mark_non_differentiable(*outputs[1:])
+        # The unused outputs (lse, grad) must not get zero-filled gradients: for grad that
+        # would be one more N x C buffer and pass per backward.
+        ctx.set_materialize_grads(False)
+        ctx.grad = outputs[-1]
+        ctx.x_numel = a.x.numel()
+        ctx.reduction = a.reduction
+        ctx.row_shape = self.row_shape(a.x)
+
+    def backward(self, ctx, grad_loss, *unused):
+        if grad_loss is None:  # the loss itself did not reach the output
+            return {}
+        grad = ctx.grad
+        if grad is None:
+            raise RuntimeError(CONSUMED)
+        if grad.numel() != ctx.x_numel:
+            raise RuntimeError("fusedloss: a gradient was requested from an op call made "
+                               "with compute_grad=False")
+        # In place when the graph owns the buffer (see reusable_graph); under tracing, or
+        # when a caller of the raw op still holds it (opcheck does), out of place.
+        in_place = (getattr(grad, "_fusedloss_owned", False) and type(grad) is torch.Tensor
+                    and not torch.compiler.is_compiling())
+        if in_place:
+            ctx.grad = None
+        return {"x": scale_grad(grad, grad_loss, ctx.reduction, ctx.row_shape, in_place)}
+
+    def op_kwargs(self):
+        return dict(setup_context=self.setup_context, backward=self.backward)
+
+
+def rows_of(x):
+    """The rows of the softmax ops' (B, C, S) input: one per (b, s)."""
+    return x.shape[0] * x.shape[2]
+
+
+def loss_output(x, rows, reduction):
+    """A loss output: (rows,) for reduction "none", else 0-dim; x's dtype."""
+    return x.new_empty((rows,) if reduction == 0 else ())
+
+
+def grad_output(x, compute_grad):
+    """The gradient output: x's shape, contiguous, or an empty (0,) tensor when it is not
+    computed."""
+    return x.new_empty(x.shape) if compute_grad else x.new_empty((0,))
+
+
+def reduce_reference_rows(rows, a, out_dtype):
+    """The loss output of a row-wise op from its rows, as the kernels reduce it."""
+    if a.reduction == 0:
+        return rows.reshape(-1).to(out_dtype)
+    acc = acc_dtype(out_dtype)
+    return (rows.to(acc).sum() * a.loss_scale.to(acc)).to(out_dtype)
