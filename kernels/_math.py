@@ -121,6 +121,15 @@ def class_rows_tile(pid, B, C, S, BLOCK_R: tl.constexpr, STRIDED: tl.constexpr):
     return rows, base, mask
 
 
+@triton.jit
+def class_tile(start, cols, row_base, row_mask, C, S):
+    """Classes c = start + cols of the program's rows: (c, mask, offsets) of the
+    [BLOCK_R, BLOCK_V] tile, the offsets int64 (class stride S)."""
+    c = start + cols
+    mask = row_mask[:, None] & (c < C)[None, :]
+    return c, mask, row_base[:, None] + c.to(tl.int64)[None, :] * S
+
+
 # ------------------------------------------------------------------ focal terms
 @triton.jit
 def focal_factors(logp_t, gamma):

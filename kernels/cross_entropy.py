@@ -5,8 +5,9 @@ import triton
 import triton.language as tl
 
 from fusedloss.kernels._launch import class_blocks, reduce_rows_into, tl_acc
-from fusedloss.kernels._math import (class_rows_tile, class_target_state, online_lse_update,
-                                     scalar_arg, softcap_logits, softcap_logits_grad)
+from fusedloss.kernels._math import (class_rows_tile, class_target_state, class_tile,
+                                     online_lse_update, scalar_arg, softcap_logits,
+                                     softcap_logits_grad)
 
 
 @triton.jit
@@ -80,9 +81,7 @@ def _ce_fwd_bwd_kernel(
     w_term_sum = tl.zeros([BLOCK_R, BLOCK_V], ACC)
     w_term_z_sum = tl.zeros([BLOCK_R, BLOCK_V], ACC)
     for start in range(0, C, BLOCK_V):
-        c = start + cols
-        mask = row_mask[:, None] & (c < C)[None, :]
-        offs = row_base[:, None] + c.to(tl.int64)[None, :] * S
+        c, mask, offs = class_tile(start, cols, row_base, row_mask, C, S)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         z = softcap_logits(x, logit_scale, softcap, HAS_SOFTCAP)
         if PROB_TARGET or SMOOTHING:
@@ -108,9 +107,7 @@ def _ce_fwd_bwd_kernel(
     if COMPUTE_GRAD:
         loss_scale = tl.load(loss_scale_ptr).to(ACC)
         for start in range(0, C, BLOCK_V):
-            c = start + cols
-            mask = row_mask[:, None] & (c < C)[None, :]
-            offs = row_base[:, None] + c.to(tl.int64)[None, :] * S
+            c, mask, offs = class_tile(start, cols, row_base, row_mask, C, S)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
             z = softcap_logits(x, logit_scale, softcap, HAS_SOFTCAP)
             dz = tl.exp(z - m[:, None]) * (inv_s * p_coef)[:, None]

@@ -6,8 +6,9 @@ import triton.language as tl
 from fusedloss import _backends
 from fusedloss.kernels._launch import (INTERPRET_BLOCK_ELEMS, class_blocks, reduce_rows_into,
                                        tl_acc)
-from fusedloss.kernels._math import (class_rows_tile, class_target_state, focal_factors,
-                                     online_lse_update, scalar_arg, sigmoid_focal_terms)
+from fusedloss.kernels._math import (class_rows_tile, class_target_state, class_tile,
+                                     focal_factors, online_lse_update, scalar_arg,
+                                     sigmoid_focal_terms)
 
 
 @triton.jit
@@ -40,9 +41,7 @@ def _focal_fwd_bwd_kernel(
     m = tl.full([BLOCK_R], float("-inf"), ACC)
     s = tl.zeros([BLOCK_R], ACC)
     for start in range(0, C, BLOCK_V):
-        c = start + cols
-        mask = row_mask[:, None] & (c < C)[None, :]
-        offs = row_base[:, None] + c.to(tl.int64)[None, :] * S
+        c, mask, offs = class_tile(start, cols, row_base, row_mask, C, S)
         z = tl.load(x_ptr + offs, mask=mask, other=float("-inf")).to(ACC)
         m, s = online_lse_update(m, s, z)
     lse = m + tl.log(s)
@@ -59,9 +58,7 @@ def _focal_fwd_bwd_kernel(
         coef = tl.where(valid, wa_t * grad_factor * loss_scale,
                         tl.where(ignored, 0.0, float("nan")))
         for start in range(0, C, BLOCK_V):
-            c = start + cols
-            mask = row_mask[:, None] & (c < C)[None, :]
-            offs = row_base[:, None] + c.to(tl.int64)[None, :] * S
+            c, mask, offs = class_tile(start, cols, row_base, row_mask, C, S)
             z = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
             p = tl.exp(z - m[:, None]) * inv_s[:, None]
             is_t = c.to(tl.int64)[None, :] == t_safe[:, None]

@@ -1,10 +1,10 @@
-// The CPU launches (cpu::Device, declared in device.h): the kernel table for this CPU,
+// The CPU launches (Device<kCPU>, declared in common/device.h): the kernel table for this CPU,
 // at::parallel_for over rows, chunks or columns, and the deterministic sums.
 //
 // Threads split the work into contiguous ranges; every row (chunk, column) is computed by
 // one thread in a fixed order and partial results are summed by a fixed pairwise tree
 // afterwards, so results do not depend on the number of threads.
-#include "cpu/device.h"
+#include "common/device.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
@@ -66,17 +66,19 @@ T pairwise_sum(const T* p, int64_t n) {
 }
 
 }  // namespace
+}  // namespace cpu
 
-at::Tensor Device::sum_rows(const at::Tensor& rows, const at::Tensor& scale,
-                            at::ScalarType out_dtype) {
+template <>
+at::Tensor Device<kCPU>::sum_rows(const at::Tensor& rows, const at::Tensor& scale,
+                                  at::ScalarType out_dtype) {
   at::Tensor total = at::empty({}, rows.options());
   const at::Tensor r = rows.contiguous();
   if (r.scalar_type() == at::kDouble) {
-    double s = pairwise_sum(r.const_data_ptr<double>(), r.numel());
+    double s = cpu::pairwise_sum(r.const_data_ptr<double>(), r.numel());
     if (scale.defined()) s *= scale.item<double>();  // a CPU tensor: no synchronisation
     total.fill_(s);
   } else {
-    float s = pairwise_sum(r.const_data_ptr<float>(), r.numel());
+    float s = cpu::pairwise_sum(r.const_data_ptr<float>(), r.numel());
     if (scale.defined()) s *= scale.item<float>();
     total.fill_(static_cast<double>(s));
   }
@@ -91,7 +93,8 @@ at::Tensor Device::sum_rows(const at::Tensor& rows, const at::Tensor& scale,
 // opt-in because on that VM a call made a second or more after the previous buffer was
 // freed sometimes paid far more instead (0.5-1.5 s; likely the hypervisor reclaiming
 // freed 2 MiB blocks of guest memory). Only advice: with THP off, nothing changes.
-at::Tensor Device::new_grad(const at::Tensor& x) {
+template <>
+at::Tensor Device<kCPU>::new_grad(const at::Tensor& x) {
   at::Tensor t = at::empty_like(x, at::MemoryFormat::Contiguous);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
@@ -109,41 +112,47 @@ at::Tensor Device::new_grad(const at::Tensor& x) {
   return t;
 }
 
-void Device::softmax_rows(const RowArgs& a) {
-  const KernelTable& k = kernel_table();
+template <>
+void Device<kCPU>::softmax_rows(const RowArgs& a) {
+  const cpu::KernelTable& k = cpu::kernel_table();
   const int64_t lanes = a.S > 1 ? k.lanes[int(a.dtype)] : 1;
   const int64_t items = a.S > 1 ? a.B * ((a.S + lanes - 1) / lanes) : a.N;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / (a.C * lanes));
-  const SoftmaxRowsFn fn = k.softmax_rows[int(a.dtype)];
+  const cpu::SoftmaxRowsFn fn = k.softmax_rows[int(a.dtype)];
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
 }
 
-int64_t Device::sigmoid_focal_partials(int64_t n) {
-  return std::max<int64_t>(1, (n + kSigmoidFocalChunk - 1) / kSigmoidFocalChunk);
+template <>
+int64_t Device<kCPU>::sigmoid_focal_partials(int64_t n) {
+  return std::max<int64_t>(1, (n + cpu::kSigmoidFocalChunk - 1) / cpu::kSigmoidFocalChunk);
 }
 
-void Device::sigmoid_focal(const SigmoidFocalArgs& a) {
-  const SigmoidFocalFn fn = kernel_table().sigmoid_focal[int(a.dtype)];
-  const int64_t chunks = (a.n + kSigmoidFocalChunk - 1) / kSigmoidFocalChunk;
+template <>
+void Device<kCPU>::sigmoid_focal(const SigmoidFocalArgs& a) {
+  const cpu::SigmoidFocalFn fn = cpu::kernel_table().sigmoid_focal[int(a.dtype)];
+  const int64_t chunks = (a.n + cpu::kSigmoidFocalChunk - 1) / cpu::kSigmoidFocalChunk;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
 }
 
-int64_t Device::info_nce_workspace(int64_t, int64_t) { return 0; }
+template <>
+int64_t Device<kCPU>::info_nce_workspace(int64_t, int64_t) { return 0; }
 
-void Device::info_nce_rows_fwd(const InfoNceBlockArgs& a) {
-  const InfoNceFn fn = kernel_table().info_nce_rows_fwd[acc_index(a.acc)];
-  at::parallel_for(0, a.nb, grain_for(a.K), [&](int64_t b, int64_t e) { fn(a, b, e); });
+template <>
+void Device<kCPU>::info_nce_rows_fwd(const InfoNceBlockArgs& a) {
+  const cpu::InfoNceFn fn = cpu::kernel_table().info_nce_rows_fwd[cpu::acc_index(a.acc)];
+  at::parallel_for(0, a.nb, cpu::grain_for(a.K), [&](int64_t b, int64_t e) { fn(a, b, e); });
 }
 
-void Device::info_nce_cols_fwd(const InfoNceBlockArgs& a) {
-  const InfoNceFn fn = kernel_table().info_nce_cols_fwd[acc_index(a.acc)];
-  at::parallel_for(0, a.M, grain_for(a.nb), [&](int64_t b, int64_t e) { fn(a, b, e); });
+template <>
+void Device<kCPU>::info_nce_cols_fwd(const InfoNceBlockArgs& a) {
+  const cpu::InfoNceFn fn = cpu::kernel_table().info_nce_cols_fwd[cpu::acc_index(a.acc)];
+  at::parallel_for(0, a.M, cpu::grain_for(a.nb), [&](int64_t b, int64_t e) { fn(a, b, e); });
 }
 
-void Device::info_nce_rows_bwd(const InfoNceBlockArgs& a) {
-  const InfoNceFn fn = kernel_table().info_nce_rows_bwd[acc_index(a.acc)];
-  at::parallel_for(0, a.nb, grain_for(a.K), [&](int64_t b, int64_t e) { fn(a, b, e); });
+template <>
+void Device<kCPU>::info_nce_rows_bwd(const InfoNceBlockArgs& a) {
+  const cpu::InfoNceFn fn = cpu::kernel_table().info_nce_rows_bwd[cpu::acc_index(a.acc)];
+  at::parallel_for(0, a.nb, cpu::grain_for(a.K), [&](int64_t b, int64_t e) { fn(a, b, e); });
 }
 
-}  // namespace cpu
 }  // namespace fusedloss

@@ -1,8 +1,8 @@
-// The CUDA device's buffers and sums (cuda::Device::new_grad, sum_rows).
+// The CUDA device's buffers and sums (Device<kCUDA>::new_grad, sum_rows).
 #include <ATen/ATen.h>
 
 #include "cuda/common.cuh"
-#include "cuda/device.h"
+#include "common/device.h"
 
 namespace fusedloss {
 namespace cuda {
@@ -35,12 +35,18 @@ DType dtype_of(at::ScalarType t) {
 
 }  // namespace
 
-at::Tensor Device::new_grad(const at::Tensor& x) {
+}  // namespace cuda
+
+using namespace cuda;  // the kernels and helpers above
+
+template <>
+at::Tensor Device<kCUDA>::new_grad(const at::Tensor& x) {
   return at::empty_like(x, at::MemoryFormat::Contiguous);
 }
 
-at::Tensor Device::sum_rows(const at::Tensor& rows, const at::Tensor& scale,
-                            at::ScalarType out_dtype) {
+template <>
+at::Tensor Device<kCUDA>::sum_rows(const at::Tensor& rows, const at::Tensor& scale,
+                                   at::ScalarType out_dtype) {
   const at::Tensor r = rows.contiguous();
   at::Tensor out = at::empty({}, r.options().dtype(out_dtype));
   visit_dtype(dtype_of(out_dtype), [&](auto out_tag) {
@@ -59,5 +65,4 @@ at::Tensor Device::sum_rows(const at::Tensor& rows, const at::Tensor& scale,
   return out;
 }
 
-}  // namespace cuda
 }  // namespace fusedloss

@@ -3,7 +3,7 @@
 // (max, sum-exp) statistics merged across blocks, and (backward) scale * dlogits in place.
 // The scale is read on the device; no float atomics: every sum has a fixed order.
 #include "cuda/common.cuh"
-#include "cuda/device.h"
+#include "common/device.h"
 
 namespace fusedloss {
 namespace cuda {
@@ -129,21 +129,28 @@ void visit_acc(const InfoNceBlockArgs& a, F&& f) {
 
 }  // namespace
 
-int64_t Device::info_nce_workspace(int64_t block_rows, int64_t M) {
+}  // namespace cuda
+
+using namespace cuda;  // the kernels and helpers above
+
+template <>
+int64_t Device<kCUDA>::info_nce_workspace(int64_t block_rows, int64_t M) {
   // Two (max, sum) planes of ceil(nb / chunk) <= min(ceil(nb / kColChunk), kMaxColChunks)
   // rows of M columns.
   const int64_t chunks = std::min((block_rows + kColChunk - 1) / kColChunk, kMaxColChunks);
   return 2 * chunks * M;
 }
 
-void Device::info_nce_rows_fwd(const InfoNceBlockArgs& a) {
+template <>
+void Device<kCUDA>::info_nce_rows_fwd(const InfoNceBlockArgs& a) {
   visit_acc(a, [&](auto tag) {
     info_nce_rows_fwd_kernel<decltype(tag)><<<row_grid(a.nb), kRowThreads, 0, stream()>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
-void Device::info_nce_cols_fwd(const InfoNceBlockArgs& a) {
+template <>
+void Device<kCUDA>::info_nce_cols_fwd(const InfoNceBlockArgs& a) {
   const int64_t chunk = col_chunk_rows(a.nb);
   const int64_t chunks = (a.nb + chunk - 1) / chunk;
   const dim3 grid(static_cast<unsigned int>((a.M + kColThreads - 1) / kColThreads),
@@ -157,12 +164,12 @@ void Device::info_nce_cols_fwd(const InfoNceBlockArgs& a) {
   });
 }
 
-void Device::info_nce_rows_bwd(const InfoNceBlockArgs& a) {
+template <>
+void Device<kCUDA>::info_nce_rows_bwd(const InfoNceBlockArgs& a) {
   visit_acc(a, [&](auto tag) {
     info_nce_rows_bwd_kernel<decltype(tag)><<<row_grid(a.nb), kRowThreads, 0, stream()>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
-}  // namespace cuda
 }  // namespace fusedloss

@@ -1,7 +1,9 @@
 // The CUDA kernels of every op (module fusedloss._C_cuda).
+#include "common/device.h"
 #include "common/ops.h"
-#include "cuda/device.h"
 
-TORCH_LIBRARY_IMPL(fusedloss, CUDA, m) { fusedloss::register_ops<fusedloss::cuda::Device>(m); }
+TORCH_LIBRARY_IMPL(fusedloss, CUDA, m) {
+  fusedloss::register_ops<fusedloss::Device<fusedloss::kCUDA>>(m);
+}
 
 FUSEDLOSS_PYTHON_MODULE(_C_cuda)

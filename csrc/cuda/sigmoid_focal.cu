@@ -1,7 +1,7 @@
 // The CUDA sigmoid focal loss (element-wise; the algebra is in fusedloss/sigmoid_focal.py,
 // the math common/loss_math.h's sigmoid_focal_terms, shared with the CPU kernel).
 #include "cuda/common.cuh"
-#include "cuda/device.h"
+#include "common/device.h"
 
 namespace fusedloss {
 namespace cuda {
@@ -14,7 +14,7 @@ constexpr int64_t kMaxBlocks = 2048;  // fixed: the partial sums do not depend o
 // elements; each thread owns elements i = tid + k * (grid size). One pass: reads x and
 // the target once, writes the gradient (and the per-element loss for reduction none)
 // once: n * (2 * sizeof(x) + sizeof(target)) bytes. With a reduction every block writes
-// one partial sum (fixed order, no atomics) that Device::sum_rows then adds up.
+// one partial sum (fixed order, no atomics) that Device<kCUDA>::sum_rows then adds up.
 template <class scalar_t, class tgt_t>
 __global__ void __launch_bounds__(kThreads) sigmoid_focal_kernel(SigmoidFocalArgs a) {
   using acc_t = acc_of<scalar_t>;
@@ -43,11 +43,17 @@ __global__ void __launch_bounds__(kThreads) sigmoid_focal_kernel(SigmoidFocalArg
 
 }  // namespace
 
-int64_t Device::sigmoid_focal_partials(int64_t n) {
+}  // namespace cuda
+
+using namespace cuda;  // the kernels and helpers above
+
+template <>
+int64_t Device<kCUDA>::sigmoid_focal_partials(int64_t n) {
   return std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxBlocks));
 }
 
-void Device::sigmoid_focal(const SigmoidFocalArgs& a) {
+template <>
+void Device<kCUDA>::sigmoid_focal(const SigmoidFocalArgs& a) {
   const int64_t blocks = sigmoid_focal_partials(a.n);
   visit_dtype(a.dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -59,5 +65,4 @@ void Device::sigmoid_focal(const SigmoidFocalArgs& a) {
   });
 }
 
-}  // namespace cuda
 }  // namespace fusedloss

@@ -13,7 +13,7 @@
 // The loss and lse of the row come from the reduced scalars between A and B.
 #include "common/row_options.h"
 #include "cuda/common.cuh"
-#include "cuda/device.h"
+#include "common/device.h"
 
 namespace fusedloss {
 namespace cuda {
@@ -189,7 +189,12 @@ void launch(const RowArgs& p) {
 
 }  // namespace
 
-void Device::softmax_rows(const RowArgs& a) {
+}  // namespace cuda
+
+using namespace cuda;  // the kernels and helpers above
+
+template <>
+void Device<kCUDA>::softmax_rows(const RowArgs& a) {
   if (a.N == 0) return;
   visit_dtype(a.dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -211,5 +216,4 @@ void Device::softmax_rows(const RowArgs& a) {
   });
 }
 
-}  // namespace cuda
 }  // namespace fusedloss
