@@ -4,12 +4,14 @@
 // scalar parts of the CPU kernels instantiate it with float or double; the CPU vector
 // loops instantiate the element-wise ones (softcap, sigmoid focal) with
 // at::vec::Vectorized<float/double>. The primitives (fl_exp, fl_select, ...) are
-// overloaded for float and double below; csrc/cpu/vec_math.h declares the Vectorized
+// overloaded for float and double below; csrc/cpu/vec.h declares the Vectorized
 // overloads and must therefore be included before this header in a CPU vector TU
 // (unqualified calls in a template see the overloads declared before its definition).
 //
-// The formulas are those of the contract in fusedloss/ops.py; the comments only record
-// the numerical choices.
+// The algebra, and the names used for its quantities here, in the Triton kernels and in
+// the CUDA and CPU kernels alike, is written once with each op: fusedloss/cross_entropy.py,
+// focal.py, sigmoid_focal.py, info_nce.py. The comments here only record the numerical
+// choices.
 #pragma once
 
 #include <cmath>
@@ -122,11 +124,8 @@ FUSEDLOSS_HD T focal_pow(T base, S gamma) {
 // ---------------------------------------------------------------- cross-entropy rows
 // The row statistics come from a max-shifted sweep: m = max_c z_c, d_c = m - z_c >= 0,
 // s = sum_c exp(-d_c), so lse = m + log s and lse - z_c = d_c + log s without the
-// cancellation of (m + log s) - z_c when |m| is large.
-//
-// Class-index target, per the contract:
-//   loss = (1-eps) w_t (d_t + log s) + eps/C (sum_c w_c d_c + W log s) + z_loss w_t lse^2
-//   dloss/dz_c = p_c * p_coef - w_c * w_coef - [c == t] * t_coef
+// cancellation of (m + log s) - z_c when |m| is large. The gradient is
+// dloss/dz_c = p_c * p_coef - w_c * w_coef - [c == t] * t_coef (fusedloss/cross_entropy.py).
 template <class T>
 struct CrossEntropyRow {
   T loss;
@@ -160,9 +159,7 @@ FUSEDLOSS_HD CrossEntropyRow<T> cross_entropy_class_row(T d_t, T log_s, T lse, T
   return r;
 }
 
-// Probability target: t'_c = (1-eps) t_c + eps/C, T = sum_c w_c t'_c,
-//   loss = sum_c w_c t'_c d_c + T log s + z_loss lse^2
-//   dloss/dz_c = p_c (T + 2 z_loss lse) - w_c t'_c
+// Probability target: w_coef multiplies w_c t'_c, and t_coef is 0.
 template <class T>
 FUSEDLOSS_HD CrossEntropyRow<T> cross_entropy_prob_row(T sum_wtd, T sum_wt, T log_s, T lse,
                                                        T z_loss) {
@@ -181,11 +178,8 @@ FUSEDLOSS_HD T smoothed_target(T t, S keep, S eps_c) {
 }
 
 // ---------------------------------------------------------------- softmax focal rows
-// logp_t = -(d_t + log s), p_t = exp(logp_t), q = 1 - p_t = -expm1(logp_t) (accurate as
-// p_t -> 1), wa = weight[t] * alpha[t]:
-//   loss = -wa q^gamma logp_t
-//   dloss/dz_c = wa q^gamma (1 - gamma p_t logp_t / q) (p_c - [c == t])
-// and logp_t / q -> -1 as q -> 0, so the factor stays finite for every gamma >= 0.
+// q = 1 - p_t = -expm1(logp_t) (accurate as p_t -> 1), and logp_t / q -> -1 as q -> 0,
+// so the gradient coefficient stays finite for every gamma >= 0 (fusedloss/focal.py).
 template <class T>
 struct FocalRow {
   T loss;
@@ -237,12 +231,9 @@ FUSEDLOSS_HD CrossEntropyRow<T> class_target_row(bool focal, TargetState st, T d
 }
 
 // ---------------------------------------------------------------- sigmoid focal
-// Element-wise, per the contract, from the logit x and a float target t:
-//   p = sigmoid(x), ce = max(x,0) - x t + log1p(exp(-|x|)), m = p (1-t) + (1-p) t
-//   loss = a_t ce m^gamma, dloss/dx = a_t m^gamma ((p - t) + gamma ce r),
-//   r = p (1-p) (1-2t) / m, 0 where m == 0.
-// p and 1-p both come from e = exp(-|x|) so neither rounds to 0 or 1 for large |x|.
-// T is float/double or a Vectorized of them (comparisons then yield lane masks).
+// Element-wise (fusedloss/sigmoid_focal.py). p and 1-p both come from e = exp(-|x|) so
+// neither rounds to 0 or 1 for large |x|. T is float/double or a Vectorized of them
+// (comparisons then yield lane masks).
 template <class T, class S>
 FUSEDLOSS_HD void sigmoid_focal_terms(T x, T t, S alpha, S gamma, T& loss, T& dloss_dx) {
   const T zero(S(0)), one(S(1));
