@@ -1,14 +1,17 @@
-"""fusedloss: fused softmax cross-entropy, focal and InfoNCE losses for PyTorch."""
+"""fusedloss: fused softmax cross-entropy (with the LM head fused in, too), focal and InfoNCE
+losses for PyTorch."""
 from ._backends import available_backends, warn_if_extension_missing
 from ._library import reusable_graph
 from .cross_entropy import CrossEntropyLoss, cross_entropy
 from .focal import FocalLoss, focal_loss
 from .info_nce import InfoNCELoss, info_nce
+from .linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy
 from .sigmoid_focal import SigmoidFocalLoss, sigmoid_focal_loss
 
 __all__ = [
     "cross_entropy", "CrossEntropyLoss", "focal_loss", "FocalLoss", "sigmoid_focal_loss",
-    "SigmoidFocalLoss", "info_nce", "InfoNCELoss", "available_backends", "reusable_graph",
+    "SigmoidFocalLoss", "info_nce", "InfoNCELoss", "linear_cross_entropy",
+    "LinearCrossEntropyLoss", "available_backends", "reusable_graph",
 ]
 __version__ = "0.1.0"
 

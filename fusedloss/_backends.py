@@ -86,9 +86,9 @@ def _op_reason(op_name, backend):
     if backend not in op.backends:
         return f"fusedloss has no {backend} kernel for {op_name}"
     if backend in EXTENSIONS and not torch._C._dispatch_has_kernel_for_dispatch_key(
-            f"{_library.CPP_NS}::{op_name}", DISPATCH_KEYS[backend]):
-        return (f"the loaded fusedloss.{EXTENSIONS[backend]} registers no {op_name} kernel "
-                f"(a stale build?); {FIX}")
+            f"{_library.CPP_NS}::{op.kernel_op}", DISPATCH_KEYS[backend]):
+        return (f"the loaded fusedloss.{EXTENSIONS[backend]} registers no {op.kernel_op} "
+                f"kernel (a stale build?); {FIX}")
     return None
 
 

@@ -92,17 +92,17 @@ def data_checks(value):
             and not torch.compiler.is_compiling())
 
 
-def class_index_target(target, input, class_dim, n_classes, ignore_index):
-    """Class-index targets: int64 (or uint8, as torch accepts) of input's shape without the
-    class dimension, every entry ignore_index or in [0, C)."""
+def class_index_target(target, positions, n_classes, ignore_index, device):
+    """Class-index targets: int64 (or uint8, as torch accepts) of the positions' shape (the
+    logits' without the class dimension), every entry ignore_index or in [0, C)."""
     if target.dtype not in (torch.int64, torch.uint8):
         raise TypeError(f"target must hold class indices as int64 (or uint8), or class "
                         f"probabilities as a floating tensor; got {target.dtype}")
-    expected = input.shape[:class_dim] + input.shape[class_dim + 1:]
-    if target.shape != expected:
-        raise ValueError(f"target has shape {tuple(target.shape)} but input of shape "
-                         f"{tuple(input.shape)} needs class indices of shape {tuple(expected)}")
-    same_device("target", target, input)
+    if target.shape != positions:
+        raise ValueError(f"target has shape {tuple(target.shape)} but the logits need class "
+                         f"indices of shape {tuple(positions)}")
+    if target.device != device:
+        raise ValueError(f"target is on {target.device} but input is on {device}")
     if data_checks(target):
         bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
         if bool(bad.any()):
@@ -111,11 +111,13 @@ def class_index_target(target, input, class_dim, n_classes, ignore_index):
                              f"{n_classes}) and not ignore_index ({ignore_index})")
 
 
-def probability_target(target, input, ignore_index):
-    if target.shape != input.shape:
+def probability_target(target, logits_shape, ignore_index, device):
+    if target.shape != logits_shape:
         raise ValueError(f"target holds class probabilities (a floating tensor), so it must "
-                         f"have input's shape {tuple(input.shape)}; got {tuple(target.shape)}")
-    same_device("target", target, input)
+                         f"have the logits' shape {tuple(logits_shape)}; got "
+                         f"{tuple(target.shape)}")
+    if target.device != device:
+        raise ValueError(f"target is on {target.device} but input is on {device}")
     if ignore_index != -100:
         raise ValueError("ignore_index is not supported with class-probability (floating) "
                          "targets, as in torch")

@@ -40,8 +40,8 @@ def acc_dtype(dtype):
 
 
 class Op:
-    def __init__(self, name, schema, *, outputs, backends, kernels=None, setup_context=None,
-                 backward=None, reference=None, differentiable=(0,)):
+    def __init__(self, name, schema, *, outputs, backends, kernels=None, composite=None,
+                 setup_context=None, backward=None, reference=None, differentiable=(0,)):
         self.name, self.schema = name, schema
         parsed = torch._C.parse_schema(f"{CPP_NS}::{name}{schema}")
         self.arg_names = tuple(a.name for a in parsed.arguments)
@@ -52,6 +52,10 @@ class Op:
         self.outputs = outputs
         self.backends = tuple(backends)
         self.kernels = kernels  # module of fusedloss.kernels holding the Triton launcher
+        # An op built in Python on other ops (a chunk loop of matmuls and row kernels):
+        # composite(a, namespace) runs the same code for every backend, each through its
+        # own namespace's ops. `composite.builds_on` names the op whose kernels it needs.
+        self.composite = composite
         self._setup, self._backward, self.reference = setup_context, backward, reference
         self.differentiable = differentiable  # output indices the reference recomputes
 
@@ -77,9 +81,18 @@ class Op:
                 torch.library.register_autograd(
                     f"{ns}::{self.name}", self._autograd_backward,
                     setup_context=functools.partial(self._autograd_setup, ns))
-        if "triton" in self.backends:
+        if self.composite is not None:
+            for ns, lib in _libraries.items():
+                lib.impl(self.name, functools.partial(self._composite, ns),
+                         "CompositeExplicitAutograd")
+        elif "triton" in self.backends:
             _libraries[TRITON_NS].impl(self.name, self._triton, "CompositeExplicitAutograd")
         return self
+
+    @property
+    def kernel_op(self):
+        """The op whose C++ kernels this one runs (itself, or what a composite builds on)."""
+        return self.composite.builds_on if self.composite is not None else self.name
 
     # ---------------------------------------------------------------- kernels
     def _fake(self, *args):
@@ -93,6 +106,9 @@ class Op:
         # Triton launches on the current CUDA device: make it the input's.
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             return launcher(a, *self.outputs(a))
+
+    def _composite(self, ns, *args):
+        return self.composite(self.bind(args), ns)
 
     # ---------------------------------------------------------------- autograd
     def _autograd_setup(self, ns, ctx, inputs, output):

@@ -23,22 +23,29 @@ alike). The ops take x as (B, C, S), contiguous: row r = b*S + s holds x[b, :, s
       probability:  p_coef = T + 2 z_loss lse,  w_coef * w_c = w_c t'_c,  t_coef = 0
     dloss/dx_c = dloss/dz_c * dz_c/dx_c,  dz/dx = logit_scale (1 - (z / softcap)^2)
 
+  A per-row weight r_w (token_weight; 1 without) multiplies the row's loss and, so, its
+  three coefficients. The entropy of the row's softmax, when asked for, is
+    H = sum_c p_c (lse - z_c) = log s + sum_c p_c d_c,   d_c = m - z_c >= 0.
+
   The ops scale the gradient by loss_scale, a 0-dim acc tensor (1/denominator for the
-  mean, 1 otherwise, computed on the device so no backend synchronises), and reduce the
-  loss to sum_r loss_r * loss_scale unless reduction is "none" (0).
+  mean, 1 otherwise, computed on the device so no backend synchronises), and return the
+  loss in acc: the rows for reduction "none" (0), else sum_r loss_r * loss_scale.
 """
 import math
 
 import torch
 
 from . import _backends, _checks, _library, reference
-from ._library import Op, acc_dtype, grad_output, loss_output, rows_of
+from ._library import Op, acc_dtype, grad_output, rows_of
 
 
 # ------------------------------------------------------------------------------ ops
 def _inplace_outputs(a):
-    lse = a.x.new_empty((rows_of(a.x),), dtype=acc_dtype(a.x.dtype))
-    return loss_output(a.x, rows_of(a.x), a.reduction), lse
+    x, acc = a.x, acc_dtype(a.x.dtype)
+    rows = rows_of(x)
+    return (x.new_empty((rows,) if a.reduction == 0 else (), dtype=acc),
+            x.new_empty((rows,), dtype=acc),
+            x.new_empty((rows,) if a.compute_entropy else (0,), dtype=acc))
 
 
 def _outputs(a):
@@ -49,26 +56,30 @@ def _reference(a):
     """The op's loss output in torch ops (for higher-order gradients)."""
     B, C, S = a.x.shape
     target = a.target if a.target.is_floating_point() else a.target.view(B, S)
-    rows, _ = reference.cross_entropy(a.x, target, a.weight, a.ignore_index, "none",
-                                      a.label_smoothing, a.z_loss, a.softcap or None,
-                                      a.logit_scale)
-    return (_library.reduce_reference_rows(rows, a, a.x.dtype),)
+    rows, _ = reference.cross_entropy(
+        a.x, target, a.weight, a.ignore_index, "none", a.label_smoothing, a.z_loss,
+        a.softcap or None, a.logit_scale,
+        token_weight=a.row_weight.view(B, S) if a.row_weight is not None else None)
+    return (_library.reduce_reference_rows(rows, a, acc_dtype(a.x.dtype)),)
 
 
-_ARGS = ("Tensor target, Tensor? weight, Tensor loss_scale, int ignore_index, "
-         "float label_smoothing, float logit_scale, float softcap, float z_loss, "
-         "int reduction")
+_ARGS = ("Tensor target, Tensor? weight, Tensor? row_weight, Tensor loss_scale, "
+         "int ignore_index, float label_smoothing, float logit_scale, float softcap, "
+         "float z_loss, int reduction, bool compute_entropy")
 
 CROSS_ENTROPY = Op(
     "cross_entropy",
-    f"(Tensor x, {_ARGS}, bool compute_grad) -> (Tensor loss, Tensor lse, Tensor grad)",
+    f"(Tensor x, {_ARGS}, bool compute_grad) "
+    "-> (Tensor loss, Tensor lse, Tensor entropy, Tensor grad)",
     outputs=_outputs, backends=("triton", "cpu", "cuda"), kernels="cross_entropy",
     reference=_reference,
     **_library.SavedGradient(lambda x: (x.shape[0], 1, x.shape[2])).op_kwargs()).define()
 
-# The same, with the gradient written over x (inplace_backward=True).
+# The same, with the gradient written over x (inplace_backward=True, and the chunks of
+# linear_cross_entropy).
 CROSS_ENTROPY_INPLACE = Op(
-    "cross_entropy_inplace", f"(Tensor(a!) x, {_ARGS}) -> (Tensor loss, Tensor lse)",
+    "cross_entropy_inplace",
+    f"(Tensor(a!) x, {_ARGS}) -> (Tensor loss, Tensor lse, Tensor entropy)",
     outputs=_inplace_outputs, backends=("triton", "cpu", "cuda"),
     kernels="cross_entropy").define()
 
@@ -87,26 +98,30 @@ def as_bcs(input, class_dim):
     return input.contiguous().view(shape)
 
 
-def class_index_loss_scale(target_rows, weight, ignore_index, reduction, acc):
-    """The 0-dim factor for every row's loss and gradient: 1/(summed weights of counted
-    targets) for mean, else 1. Computed on the device: no host synchronisation. A total
-    weight of 0 gives inf (the mean is then NaN, as torch's); a negative one divides."""
+def mean_scale(counted_weight, reduction, acc, device):
+    """The 0-dim factor for every row's loss and gradient: 1 / sum(counted_weight) for the
+    mean, else 1. counted_weight is a tensor (computed on the device: no host sync) or a
+    Python count. A total of 0 gives inf, so the mean is NaN as torch's; a negative one
+    divides, as torch's does."""
     if reduction != 1:
-        return torch.ones((), dtype=acc, device=target_rows.device)
+        return torch.ones((), dtype=acc, device=device)
+    if isinstance(counted_weight, torch.Tensor):
+        return 1.0 / counted_weight.sum(dtype=acc)
+    return torch.full((), 1.0 / counted_weight if counted_weight else float("inf"),
+                      dtype=acc, device=device)
+
+
+def class_index_weights(target_rows, weight, ignore_index, token_weight=None):
+    """Each position's weight in the mean's denominator: weight[t] (1 without) times its
+    token weight, 0 where ignored. A Python count when there are neither."""
     counted = target_rows != ignore_index
-    if weight is None:
-        denominator = counted.sum(dtype=acc)
-    else:
+    if weight is None and token_weight is None:
+        return counted
+    w = counted.to(weight.dtype if weight is not None else token_weight.dtype)
+    if weight is not None:
         in_range = counted & (target_rows >= 0) & (target_rows < weight.shape[0])
-        safe = torch.where(in_range, target_rows, torch.zeros_like(target_rows))
-        denominator = (weight.to(acc)[safe] * counted).sum()
-    return 1.0 / denominator
-
-
-def count_loss_scale(count, reduction, acc, device):
-    """1/count for mean (inf for an empty batch, so the mean is NaN as in torch), else 1."""
-    value = (1.0 / count if count else float("inf")) if reduction == 1 else 1.0
-    return torch.full((), value, dtype=acc, device=device)
+        w = w * weight[torch.where(in_range, target_rows, torch.zeros_like(target_rows))]
+    return w * token_weight if token_weight is not None else w
 
 
 class _InplaceCrossEntropy(torch.autograd.Function):
@@ -116,15 +131,15 @@ class _InplaceCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, kwargs, backend):
-        loss, lse = CROSS_ENTROPY_INPLACE.call(backend, x=x, **kwargs)
+        loss, lse, entropy = CROSS_ENTROPY_INPLACE.call(backend, x=x, **kwargs)
         torch.autograd.graph.increment_version(x)
-        ctx.mark_non_differentiable(lse)
+        ctx.mark_non_differentiable(lse, entropy)
         ctx.grad, ctx.reduction = x, kwargs["reduction"]
         ctx.row_shape = (x.shape[0], 1, x.shape[2])
-        return loss, lse
+        return loss, lse, entropy
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_lse):
+    def backward(ctx, grad_loss, grad_lse, grad_entropy):
         if torch.is_grad_enabled():
             raise RuntimeError("fusedloss.cross_entropy: inplace_backward=True overwrites the "
                                "logits with the gradient, so there is nothing to take a "
@@ -137,9 +152,39 @@ class _InplaceCrossEntropy(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------ the loss
+def check_target_and_weight(target, weight, logits_shape, class_dim, ignore_index, input):
+    """The target (class indices, or probabilities of the logits' shape) and the class
+    weight of logits of `logits_shape`; returns whether the target holds probabilities."""
+    n_classes = logits_shape[class_dim]
+    if target.is_floating_point():
+        _checks.probability_target(target, logits_shape, ignore_index, input.device)
+    else:
+        positions = logits_shape[:class_dim] + logits_shape[class_dim + 1:]
+        _checks.class_index_target(target, positions, n_classes, ignore_index, input.device)
+    if weight is not None:
+        _checks.class_vector("weight", weight, n_classes, input)
+        if weight.dtype != input.dtype:
+            raise TypeError(f"weight has dtype {weight.dtype} but input has {input.dtype}; "
+                            "torch requires them to match")
+    return target.is_floating_point()
+
+
+def check_token_weight(token_weight, positions, input):
+    """token_weight: None, or a floating tensor with one weight per position."""
+    if token_weight is None:
+        return None
+    _checks.floating("token_weight", token_weight)
+    if token_weight.shape != positions:
+        raise ValueError(f"token_weight must have one weight per position, shape "
+                         f"{tuple(positions)}, got {tuple(token_weight.shape)}")
+    _checks.same_device("token_weight", token_weight, input)
+    return token_weight
+
+
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
                   label_smoothing=0.0, *, z_loss=0.0, softcap=None, logit_scale=1.0,
-                  return_lse=False, inplace_backward=False, backend="auto"):
+                  token_weight=None, return_lse=False, return_entropy=False,
+                  inplace_backward=False, backend="auto"):
     """Softmax cross-entropy with the semantics of torch.nn.functional.cross_entropy.
 
     input: (C), (N, C) or (N, C, d1, ..., dK) logits. target: class indices (int64) of
@@ -151,13 +196,20 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
       softcap      softcap * tanh(logits / softcap) before the softmax (Gemma 2).
       z_loss       adds z_loss * lse^2 for each counted position (PaLM), weighted and
                    reduced like the loss (unweighted for probability targets).
+      token_weight a floating tensor with one weight per position (the target's shape for
+                   class indices): it multiplies that position's loss and gradient, and
+                   the mean divides by the sum over counted positions of token_weight x
+                   weight[target] (of token_weight alone for probability targets).
       return_lse   also return the per-position log-sum-exp of the transformed logits
-                   (shape of the target positions, float32 or float64). It is returned
-                   detached: no gradient flows through it (use z_loss for a penalty on it).
+                   (shape of the positions, float32 or float64), detached: no gradient
+                   flows through it (use z_loss for a penalty on it).
+      return_entropy  also return each position's softmax entropy (nats), detached.
       inplace_backward  write the gradient over `input`'s buffer (kernel backends, eager
                    mode): the logits are overwritten by the forward, so use it only when
                    nothing else needs them; misuse raises through autograd's version check.
       backend      "auto", "reference", "triton", "cuda" or "cpu".
+
+    Returns the loss, or (loss, lse), (loss, entropy) or (loss, lse, entropy) as asked.
     """
     red = _checks.reduction_code(reduction)
     class_dim, n_classes = _checks.class_input(input)
@@ -167,49 +219,53 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     softcap = _checks.number("softcap", softcap, low=0.0, low_open=True, allow_none=True)
     z_loss = _checks.number("z_loss", z_loss, low=0.0)
     _checks.integer("ignore_index", ignore_index)
-    prob_target = target.is_floating_point()
-    if prob_target:
-        _checks.probability_target(target, input, ignore_index)
-    else:
-        _checks.class_index_target(target, input, class_dim, n_classes, ignore_index)
-    if weight is not None:
-        _checks.class_vector("weight", weight, n_classes, input)
-        if weight.dtype != input.dtype:
-            raise TypeError(f"weight has dtype {weight.dtype} but input has {input.dtype}; "
-                            "torch requires them to match")
-    needs_reference = ("a gradient for probability targets"
-                       if prob_target and target.requires_grad else None)
+    positions = input.shape[:class_dim] + input.shape[class_dim + 1:]
+    prob_target = check_target_and_weight(target, weight, input.shape, class_dim,
+                                          ignore_index, input)
+    check_token_weight(token_weight, positions, input)
+    needs_reference = (
+        "a gradient for probability targets" if prob_target and target.requires_grad else
+        "a gradient for token_weight" if token_weight is not None and token_weight.requires_grad
+        else None)
     name = _backends.resolve(CROSS_ENTROPY, backend, input.device, needs_reference)
 
     if name == "reference":
         loss, lse = reference.cross_entropy(input, target, weight, ignore_index, reduction,
-                                            label_smoothing, z_loss, softcap, logit_scale)
-        return (loss, lse.detach()) if return_lse else loss
+                                            label_smoothing, z_loss, softcap, logit_scale,
+                                            token_weight=token_weight)
+        extras = [lse.detach()] if return_lse else []
+        if return_entropy:
+            extras.append(reference.softmax_entropy(input, logit_scale, softcap).detach())
+        return (loss, *extras) if extras else loss
 
     acc = acc_dtype(input.dtype)
     x = as_bcs(input, class_dim)
+    row_weight = token_weight.reshape(-1).to(acc) if token_weight is not None else None
     if prob_target:
         target_k = as_bcs(target.to(input.dtype), class_dim)
-        loss_scale = count_loss_scale(x.shape[0] * x.shape[2], red, acc, input.device)
+        counted = row_weight if row_weight is not None else x.shape[0] * x.shape[2]
     else:
         target_k = target.reshape(-1).long()
-        loss_scale = class_index_loss_scale(target_k, weight, ignore_index, red, acc)
+        counted = class_index_weights(target_k, weight.to(acc) if weight is not None else None,
+                                      ignore_index, row_weight)
     kwargs = dict(target=target_k, weight=weight.to(acc).contiguous() if weight is not None
-                  else None, loss_scale=loss_scale, ignore_index=ignore_index,
-                  label_smoothing=label_smoothing, logit_scale=logit_scale,
-                  softcap=softcap or 0.0, z_loss=z_loss, reduction=red)
+                  else None, row_weight=row_weight,
+                  loss_scale=mean_scale(counted, red, acc, input.device),
+                  ignore_index=ignore_index, label_smoothing=label_smoothing,
+                  logit_scale=logit_scale, softcap=softcap or 0.0, z_loss=z_loss,
+                  reduction=red, compute_entropy=return_entropy)
     compute_grad = input.requires_grad and torch.is_grad_enabled()
     if inplace_backward and compute_grad and not torch.compiler.is_compiling() \
             and not _library.reusable_graph_active():
-        loss, lse = _InplaceCrossEntropy.apply(x, kwargs, name)
+        loss, lse, entropy = _InplaceCrossEntropy.apply(x, kwargs, name)
     else:
-        loss, lse, grad = CROSS_ENTROPY.call(name, x=x, compute_grad=compute_grad, **kwargs)
+        loss, lse, entropy, grad = CROSS_ENTROPY.call(name, x=x, compute_grad=compute_grad,
+                                                      **kwargs)
         _library.owned(grad)
-    positions = target.shape if not prob_target else (
-        input.shape[:class_dim] + input.shape[class_dim + 1:])
-    if red == 0:
-        loss = loss.view(positions)
-    return (loss, lse.view(positions)) if return_lse else loss
+    loss = (loss.view(positions) if red == 0 else loss).to(input.dtype)
+    extras = ([lse.view(positions)] if return_lse else []) + \
+        ([entropy.view(positions)] if return_entropy else [])
+    return (loss, *extras) if extras else loss
 
 
 class CrossEntropyLoss(torch.nn.Module):
@@ -217,7 +273,8 @@ class CrossEntropyLoss(torch.nn.Module):
 
     def __init__(self, weight=None, ignore_index=-100, reduction="mean",
                  label_smoothing=0.0, *, z_loss=0.0, softcap=None, logit_scale=1.0,
-                 return_lse=False, inplace_backward=False, backend="auto"):
+                 return_lse=False, return_entropy=False, inplace_backward=False,
+                 backend="auto"):
         super().__init__()
         _checks.reduction_code(reduction)
         self.register_buffer("weight", weight)
@@ -228,13 +285,15 @@ class CrossEntropyLoss(torch.nn.Module):
         self.softcap = softcap
         self.logit_scale = logit_scale
         self.return_lse = return_lse
+        self.return_entropy = return_entropy
         self.inplace_backward = inplace_backward
         self.backend = backend
 
-    def forward(self, input, target):
+    def forward(self, input, target, token_weight=None):
         return cross_entropy(input, target, self.weight, self.ignore_index, self.reduction,
                              self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
-                             logit_scale=self.logit_scale, return_lse=self.return_lse,
+                             logit_scale=self.logit_scale, token_weight=token_weight,
+                             return_lse=self.return_lse, return_entropy=self.return_entropy,
                              inplace_backward=self.inplace_backward, backend=self.backend)
 
     def extra_repr(self):

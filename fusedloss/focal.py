@@ -15,7 +15,7 @@ import torch
 
 from . import _backends, _checks, _library, reference
 from ._library import Op, acc_dtype, grad_output, loss_output, rows_of
-from .cross_entropy import as_bcs, class_index_loss_scale
+from .cross_entropy import as_bcs, class_index_weights, mean_scale
 
 
 def _reference(a):
@@ -53,7 +53,8 @@ def focal_loss(input, target, gamma=2.0, alpha=None, weight=None, ignore_index=-
     _checks.integer("ignore_index", ignore_index)
     if target.is_floating_point():
         raise TypeError("focal_loss takes class-index targets (int64); got a floating target")
-    _checks.class_index_target(target, input, class_dim, n_classes, ignore_index)
+    _checks.class_index_target(target, input.shape[:class_dim] + input.shape[class_dim + 1:],
+                               n_classes, ignore_index, input.device)
     if isinstance(alpha, torch.Tensor):
         _checks.class_vector("alpha", alpha, n_classes, input)
     else:
@@ -74,7 +75,9 @@ def focal_loss(input, target, gamma=2.0, alpha=None, weight=None, ignore_index=-
         name, x=as_bcs(input, class_dim), target=target_k,
         alpha=alpha.to(acc).contiguous() if alpha is not None else None,
         weight=weight.to(acc).contiguous() if weight is not None else None,
-        loss_scale=class_index_loss_scale(target_k, weight, ignore_index, red, acc),
+        loss_scale=mean_scale(class_index_weights(
+            target_k, weight.to(acc) if weight is not None else None, ignore_index), red, acc,
+            input.device),
         gamma=gamma, ignore_index=ignore_index, reduction=red,
         compute_grad=input.requires_grad and torch.is_grad_enabled())
     _library.owned(grad)

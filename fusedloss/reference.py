@@ -67,13 +67,10 @@ def _class_target_terms(logp, target, weight, ignore_index, class_dim):
     return logp_t, w_t * valid, valid, safe_target
 
 
-def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
-                  label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=1.0):
-    """torch.nn.functional.cross_entropy plus logit_scale, softcap and z_loss.
-
-    Returns (loss, lse), lse being the per-position log-sum-exp of the transformed logits
-    (shape of the target positions, accumulation dtype).
-    """
+def cross_entropy_rows(input, target, weight=None, ignore_index=-100, label_smoothing=0.0,
+                       z_loss=0.0, softcap=None, logit_scale=1.0, token_weight=None):
+    """Each position's cross-entropy in the accumulation dtype, the per-position lse, and
+    the mean's denominator: (rows, lse, denominator). See cross_entropy."""
     acc = acc_dtype(input.dtype)
     class_dim = 0 if input.dim() == 1 else 1
     n_classes = input.shape[class_dim]
@@ -81,6 +78,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     lse = torch.logsumexp(z, dim=class_dim)
     logp = z - lse.unsqueeze(class_dim)
     w = weight.to(acc) if weight is not None else None
+    tw = token_weight.to(acc) if token_weight is not None else None
     eps = label_smoothing
 
     if target.is_floating_point():
@@ -90,20 +88,88 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         if w is not None:
             t = t * _class_view(w, z.dim(), class_dim)
         rows = -(t * logp).sum(class_dim) + z_loss * lse ** 2
-        denominator = rows.numel()  # torch: the mean over positions, weights or not
-    else:
-        logp_t, w_t, valid, _ = _class_target_terms(logp, target.long(), w, ignore_index,
-                                                    class_dim)
-        rows = -(1 - eps) * w_t * logp_t
-        if eps > 0:
-            wlogp = logp * _class_view(w, z.dim(), class_dim) if w is not None else logp
-            rows = rows - (eps / n_classes) * wlogp.sum(class_dim) * valid
-        rows = rows + z_loss * w_t * lse ** 2
-        # Ignored positions contribute an exact 0 to the gradient, even where the mean's
-        # factor is infinite (a total weight of 0).
-        rows = torch.where(valid, rows, torch.zeros_like(rows))
-        denominator = w_t.sum()
+        # torch: the mean over positions, weights or not; over the token weights with them.
+        denominator = rows.numel() if tw is None else tw.sum()
+        if tw is not None:
+            rows = rows * tw
+        return rows, lse, denominator
+    logp_t, w_t, valid, _ = _class_target_terms(logp, target.long(), w, ignore_index,
+                                                class_dim)
+    rows = -(1 - eps) * w_t * logp_t
+    if eps > 0:
+        wlogp = logp * _class_view(w, z.dim(), class_dim) if w is not None else logp
+        rows = rows - (eps / n_classes) * wlogp.sum(class_dim) * valid
+    rows = rows + z_loss * w_t * lse ** 2
+    if tw is not None:
+        rows, w_t = rows * tw, w_t * tw
+    # Ignored positions contribute an exact 0 to the gradient, even where the mean's factor
+    # is infinite (a total weight of 0).
+    rows = torch.where(valid, rows, torch.zeros_like(rows))
+    return rows, lse, w_t.sum()
+
+
+def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
+                  label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=1.0,
+                  token_weight=None):
+    """torch.nn.functional.cross_entropy plus logit_scale, softcap, z_loss and token_weight
+    (one weight per position: it multiplies the position's loss, and the mean divides by
+    the summed token weights of the counted positions, times weight[target]).
+
+    Returns (loss, lse), lse being the per-position log-sum-exp of the transformed logits
+    (shape of the target positions, accumulation dtype).
+    """
+    rows, lse, denominator = cross_entropy_rows(input, target, weight, ignore_index,
+                                                label_smoothing, z_loss, softcap, logit_scale,
+                                                token_weight)
     return _reduce(rows, reduction, denominator).to(input.dtype), lse
+
+
+def linear_cross_entropy(x, linear_weight, linear_bias, target, num_classes, weight=None,
+                         ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+                         softcap=None, logit_scale=1.0, token_weight=None, chunk_size=1024,
+                         with_entropy=False):
+    """cross_entropy(F.linear(x, linear_weight, linear_bias)) over rows of x in chunks.
+
+    x (N, D); linear_weight (C * S, D) and linear_bias (C * S,), the logits of a row being
+    (C, S) (S > 1: a K-dimensional loss); target, token_weight: as cross_entropy's for
+    logits (N, C, S). Each chunk runs under torch.utils.checkpoint, so autograd keeps only
+    its inputs and recomputes its logits in the backward: memory O(chunk x C x S).
+    Returns (loss, lse, entropy or None), lse and entropy one per position, detached.
+    """
+    n = x.shape[0]
+    positions = linear_weight.shape[0] // num_classes
+    prob = target.is_floating_point()
+    target = target.reshape(n, num_classes, positions) if prob else target.reshape(n, positions)
+    if token_weight is not None:
+        token_weight = token_weight.reshape(n, positions)
+
+    def chunk(xc, tc, twc):
+        logits = F.linear(xc, linear_weight, linear_bias).view(-1, num_classes, positions)
+        rows, lse, den = cross_entropy_rows(logits, tc, weight, ignore_index,
+                                            label_smoothing, z_loss, softcap, logit_scale, twc)
+        entropy = softmax_entropy(logits.detach(), logit_scale, softcap) if with_entropy \
+            else None
+        return rows, lse.detach(), den, entropy
+
+    pieces = []
+    for i0 in range(0, max(n, 1), chunk_size):  # an empty batch is one empty chunk
+        sl = slice(i0, i0 + chunk_size)
+        args = (x[sl], target[sl], token_weight[sl] if token_weight is not None else None)
+        pieces.append(torch.utils.checkpoint.checkpoint(chunk, *args, use_reentrant=False)
+                      if torch.is_grad_enabled() else chunk(*args))
+    rows = torch.cat([p[0] for p in pieces]).reshape(-1)
+    lse = torch.cat([p[1] for p in pieces]).reshape(-1)
+    denominator = sum(p[2] for p in pieces)
+    entropy = torch.cat([p[3] for p in pieces]).reshape(-1) if with_entropy else None
+    return _reduce(rows, reduction, denominator).to(x.dtype), lse, entropy
+
+
+def softmax_entropy(input, logit_scale=1.0, softcap=None):
+    """The entropy (nats) of the softmax of the transformed logits, per position."""
+    class_dim = 0 if input.dim() == 1 else 1
+    logp = torch.log_softmax(transform_logits(input.to(acc_dtype(input.dtype)), logit_scale,
+                                              softcap), dim=class_dim)
+    return -(logp.exp() * logp).sum(class_dim)
 
 
 def focal_loss(input, target, gamma=2.0, alpha=None, weight=None, ignore_index=-100,

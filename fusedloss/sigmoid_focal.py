@@ -14,7 +14,7 @@ import torch
 
 from . import _backends, _checks, _library, reference
 from ._library import Op, acc_dtype, grad_output, loss_output
-from .cross_entropy import count_loss_scale
+from .cross_entropy import mean_scale
 
 
 def _reference(a):
@@ -59,7 +59,7 @@ def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none",
     x = inputs.contiguous().view(-1)
     loss, grad = SIGMOID_FOCAL_LOSS.call(
         name, x=x, target=targets.to(inputs.dtype).contiguous().view(-1),
-        loss_scale=count_loss_scale(x.numel(), red, acc_dtype(inputs.dtype), inputs.device),
+        loss_scale=mean_scale(x.numel(), red, acc_dtype(inputs.dtype), inputs.device),
         alpha=alpha, gamma=gamma, reduction=red,
         compute_grad=inputs.requires_grad and torch.is_grad_enabled())
     _library.owned(grad)

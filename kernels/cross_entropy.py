@@ -29,20 +29,22 @@ def _w_term_tile(target_ptr, weight_ptr, offs, c, mask, eps, C,
 
 @triton.jit
 def _ce_fwd_bwd_kernel(
-    x_ptr, target_ptr, weight_ptr, loss_scale_ptr,
-    loss_ptr, lse_ptr, grad_ptr,
+    x_ptr, target_ptr, weight_ptr, row_weight_ptr, loss_scale_ptr,
+    loss_ptr, lse_ptr, entropy_ptr, grad_ptr,
     B, C, S, ignore_index,
     label_smoothing: tl.float64, logit_scale: tl.float64, softcap: tl.float64,
     z_loss: tl.float64,
-    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr, STRIDED: tl.constexpr,
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ROW_WEIGHT: tl.constexpr,
+    SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, STRIDED: tl.constexpr,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # Grid: cdiv(B, BLOCK_R) when S == 1, B * cdiv(S, BLOCK_R) when S > 1.
     # Each program owns BLOCK_R whole rows of the (B, C, S) input (see class_rows_tile) and
     # walks their C classes in [BLOCK_R, BLOCK_V] tiles, so any C (256k+) fits.
     # Passes: sweep 1 reads x (and a probability target) for an online log-sum-exp plus the
-    # w_term sums; sweep 2 (COMPUTE_GRAD) reads them again and writes the gradient.
+    # w_term sums; sweep 2 (COMPUTE_GRAD or ENTROPY) reads them again, writes the gradient
+    # and sums the entropy.
     # Bytes: ~(2 reads + 1 write) * N*C*sizeof(x) (one read without the gradient), plus
     # 2 * N*C*sizeof(target) for probability targets; the second read of a row is often an
     # L2 hit. The gradient may alias x (grad_ptr == x_ptr, the in-place op): sweep 2 reads
@@ -73,6 +75,10 @@ def _ce_fwd_bwd_kernel(
         else:
             w_t = tl.full([BLOCK_R], 1.0, ACC)
         t_coef = (1.0 - eps) * w_t
+    if HAS_ROW_WEIGHT:  # multiplies the whole row: its loss and its three coefficients
+        r_w = tl.load(row_weight_ptr + rows, mask=row_mask, other=0.0).to(ACC)
+    else:
+        r_w = tl.full([BLOCK_R], 1.0, ACC)
 
     # Sweep 1. The w_term sums stay per lane until after the loop: one reduction, not one
     # per tile.
@@ -100,61 +106,76 @@ def _ce_fwd_bwd_kernel(
         w_total = tl.sum(w_term_sum, axis=1)
         loss += w_total * lse - tl.sum(w_term_z_sum, axis=1)
         p_coef += w_total
-    loss = tl.where(valid, loss, tl.where(ignored, 0.0, float("nan")))
+    loss = tl.where(valid, loss * r_w, tl.where(ignored, 0.0, float("nan")))
     tl.store(loss_ptr + rows, loss, mask=row_mask)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
 
-    if COMPUTE_GRAD:
+    if COMPUTE_GRAD or ENTROPY:
+        # The row weight and the caller's scale fold into the coefficients once.
         loss_scale = tl.load(loss_scale_ptr).to(ACC)
+        r_scale = r_w * loss_scale
+        p_scaled = (inv_s * p_coef * r_scale)[:, None]
+        t_scaled = (t_coef * r_scale)[:, None]
+        entropy = tl.zeros([BLOCK_R, BLOCK_V], ACC)
         for start in range(0, C, BLOCK_V):
             c, mask, offs = class_tile(start, cols, row_base, row_mask, C, S)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
             z = softcap_logits(x, logit_scale, softcap, HAS_SOFTCAP)
-            dz = tl.exp(z - m[:, None]) * (inv_s * p_coef)[:, None]
-            if PROB_TARGET or SMOOTHING:
-                dz -= _w_term_tile(target_ptr, weight_ptr, offs, c, mask, eps, C,
-                                   PROB_TARGET, HAS_WEIGHT, ACC)
-            if not PROB_TARGET:
-                is_t = c.to(tl.int64)[None, :] == t_safe[:, None]
-                dz -= tl.where(is_t, t_coef[:, None], 0.0)
-            dx = dz * softcap_logits_grad(z, logit_scale, softcap, HAS_SOFTCAP) * loss_scale
-            # Ignored rows are exactly 0 even for non-finite logits; bad targets are NaN.
-            dx = tl.where(valid[:, None], dx,
-                          tl.where(ignored[:, None], 0.0, float("nan")))
-            tl.store(grad_ptr + offs, dx.to(grad_ptr.dtype.element_ty), mask=mask)
+            e = tl.exp(z - m[:, None])
+            if ENTROPY:  # sum_c p_c d_c, d_c = m - z_c; 0 where p_c is (a -inf logit)
+                entropy += tl.where(mask & (e > 0), e * (m[:, None] - z), 0.0)
+            if COMPUTE_GRAD:
+                dz = e * p_scaled
+                if PROB_TARGET or SMOOTHING:
+                    dz -= _w_term_tile(target_ptr, weight_ptr, offs, c, mask, eps, C,
+                                       PROB_TARGET, HAS_WEIGHT, ACC) * r_scale[:, None]
+                if not PROB_TARGET:
+                    is_t = c.to(tl.int64)[None, :] == t_safe[:, None]
+                    dz -= tl.where(is_t, t_scaled, 0.0)
+                dx = dz * softcap_logits_grad(z, logit_scale, softcap, HAS_SOFTCAP)
+                # Ignored rows are exactly 0 even for non-finite logits; bad targets NaN.
+                dx = tl.where(valid[:, None], dx,
+                              tl.where(ignored[:, None], 0.0, float("nan")))
+                tl.store(grad_ptr + offs, dx.to(grad_ptr.dtype.element_ty), mask=mask)
+        if ENTROPY:  # H = log s + sum_c p_c d_c
+            tl.store(entropy_ptr + rows, tl.log(s) + tl.sum(entropy, axis=1) * inv_s,
+                     mask=row_mask)
 
 
 # ------------------------------------------------------------------------------ launchers
-def _launch(a, x, loss, lse, grad):
-    """Run _ce_fwd_bwd_kernel over x into loss and lse; grad: a buffer, x itself or None."""
+def _launch(a, x, loss, lse, entropy, grad):
+    """Run _ce_fwd_bwd_kernel over x into the outputs; grad: a buffer, x itself or None."""
     B, C, S = x.shape
     loss_rows = lse.new_empty(lse.shape)
     if C == 0:
         loss_rows.fill_(float("nan"))
         lse.fill_(float("-inf"))
+        entropy.fill_(float("nan"))
     elif B * S > 0:
         prob_target = a.target.is_floating_point()
         smoothing = a.label_smoothing > 0
         grid, meta = class_blocks(B, C, S, wide=prob_target or smoothing or x.dtype.itemsize == 8)
         _ce_fwd_bwd_kernel[grid](
             x, a.target.contiguous(), a.weight.contiguous() if a.weight is not None else x,
-            a.loss_scale, loss_rows, lse, grad if grad is not None else x,
+            a.row_weight.contiguous() if a.row_weight is not None else x, a.loss_scale,
+            loss_rows, lse, entropy, grad if grad is not None else x,
             B, C, S, a.ignore_index,
             float(a.label_smoothing), float(a.logit_scale), float(a.softcap), float(a.z_loss),
-            PROB_TARGET=prob_target, HAS_WEIGHT=a.weight is not None, SMOOTHING=smoothing,
-            HAS_SOFTCAP=a.softcap > 0, COMPUTE_GRAD=grad is not None, ACC=tl_acc(x.dtype),
-            **meta)
+            PROB_TARGET=prob_target, HAS_WEIGHT=a.weight is not None,
+            HAS_ROW_WEIGHT=a.row_weight is not None, SMOOTHING=smoothing,
+            HAS_SOFTCAP=a.softcap > 0, ENTROPY=a.compute_entropy,
+            COMPUTE_GRAD=grad is not None, ACC=tl_acc(x.dtype), **meta)
     reduce_rows_into(loss, loss_rows, a.reduction, a.loss_scale)
 
 
-def cross_entropy(a, loss, lse, grad):
-    _launch(a, a.x.contiguous(), loss, lse, grad if a.compute_grad else None)
-    return loss, lse, grad
+def cross_entropy(a, loss, lse, entropy, grad):
+    _launch(a, a.x.contiguous(), loss, lse, entropy, grad if a.compute_grad else None)
+    return loss, lse, entropy, grad
 
 
-def cross_entropy_inplace(a, loss, lse):
+def cross_entropy_inplace(a, loss, lse, entropy):
     if not a.x.is_contiguous():
         raise ValueError("fusedloss: cross_entropy_inplace needs a contiguous x "
                          "(the gradient is written over it)")
-    _launch(a, a.x, loss, lse, grad=a.x)
-    return loss, lse
+    _launch(a, a.x, loss, lse, entropy, grad=a.x)
+    return loss, lse, entropy

@@ -339,18 +339,83 @@ def test_gradient_penalty_through_a_layer(backend, device):
 
 
 def ce_formula(x, t, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-               *, z_loss=0.0, softcap=None, logit_scale=1.0):
+               *, z_loss=0.0, softcap=None, logit_scale=1.0, token_weight=None):
     """cross_entropy with its extras, from torch ops: the scaled and capped logits into
-    F.cross_entropy, plus z_loss * w_t * lse^2 per counted position."""
+    F.cross_entropy, plus z_loss * w_t * lse^2 per counted position, times token_weight;
+    the mean over the counted w_t * token_weight (over token_weight for probabilities)."""
     z = x * logit_scale
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     rows = F.cross_entropy(z, t, weight, ignore_index=ignore_index, reduction="none",
                            label_smoothing=label_smoothing)
-    counted = t != ignore_index
-    w_t = (weight[t.clamp_min(0)] if weight is not None else torch.ones_like(rows)) * counted
+    if t.is_floating_point():
+        w_t = torch.ones_like(rows)
+    else:
+        counted = t != ignore_index
+        w_t = (weight[t.clamp_min(0)] if weight is not None else torch.ones_like(rows)) * counted
     rows = rows + z_loss * w_t * torch.logsumexp(z, 1) ** 2
+    if token_weight is not None:
+        rows, w_t = rows * token_weight, w_t * token_weight
     return {"none": rows, "sum": rows.sum(), "mean": rows.sum() / w_t.sum()}[reduction]
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("target_kind", ["index", "probs"])
+def test_token_weight(backend, device, target_kind, reduction):
+    x, t, w = make_inputs((5, 37, 3), target_kind, torch.float64, device, weight=True)
+    tw = torch.rand(5, 3, dtype=torch.float64, device=device) * 2
+    opts = dict(weight=w, reduction=reduction, label_smoothing=0.1, z_loss=1e-2)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = fusedloss.cross_entropy(xa, t, token_weight=tw, backend=backend, **opts)
+    assert_matches(ours, ce_formula(xb, t, token_weight=tw, **opts), [xa], [xb])
+    ones = fusedloss.cross_entropy(x, t, token_weight=torch.ones_like(tw), backend=backend,
+                                   **opts)
+    assert_close(ones, ce_formula(x, t, **opts))  # weights of 1 change nothing
+
+
+def test_token_weight_gradient_uses_reference(backend, device):
+    x, t, _ = make_inputs((6, 37), "index", torch.float64, device)
+    tw = torch.rand(6, dtype=torch.float64, device=device, requires_grad=True)
+    if backend == "reference":
+        fusedloss.cross_entropy(x, t, token_weight=tw, backend=backend).backward()
+        twb = tw.detach().clone().requires_grad_()
+        ce_formula(x, t, token_weight=twb).backward()
+        assert_close(tw.grad, twb.grad)
+    else:
+        with pytest.raises(ValueError, match="token_weight"):
+            fusedloss.cross_entropy(x, t, token_weight=tw, backend=backend)
+    tw.grad = None
+    fusedloss.cross_entropy(x, t, token_weight=tw).backward()  # auto: the reference
+    assert tw.grad is not None
+
+
+@pytest.mark.parametrize("shape", [(37,), (6, 300), (3, 37, 4)], ids=str)
+def test_entropy(backend, device, shape):
+    x, t, w = make_inputs(shape, "index", torch.float64, device, weight=True)
+    x = x.clone()
+    x.view(-1)[5] = float("-inf")  # a class with probability 0: contributes 0, not NaN
+    class_dim = 0 if len(shape) == 1 else 1
+    xa = x.clone().requires_grad_()
+    loss, lse, entropy = fusedloss.cross_entropy(xa, t, w, logit_scale=0.8, softcap=4.0,
+                                                 return_lse=True, return_entropy=True,
+                                                 backend=backend)
+    z = 4.0 * torch.tanh(x * 0.8 / 4.0)
+    logp = torch.log_softmax(z, class_dim)
+    expected = -(logp.exp() * torch.where(logp.exp() > 0, logp, 0)).sum(class_dim)
+    assert entropy.shape == t.shape and not entropy.requires_grad
+    assert_close(entropy, expected)
+    assert_close(lse, torch.logsumexp(z, class_dim))
+    loss.backward()  # the extras do not change the loss or its gradient
+    xb = x.clone().requires_grad_()
+    ce_formula(xb if len(shape) > 1 else xb[None], t if len(shape) > 1 else t[None], w,
+               logit_scale=0.8, softcap=4.0).backward()
+    assert_close(xa.grad, xb.grad)
+    only = fusedloss.cross_entropy(x, t, w, return_entropy=True, backend=backend)
+    assert len(only) == 2
+    with torch.no_grad():  # without a gradient pass
+        assert_close(fusedloss.cross_entropy(x, t, w, logit_scale=0.8, softcap=4.0,
+                                             return_entropy=True, backend=backend)[1],
+                     expected)
 
 
 class TestCrossEntropyContract(LossContract):
@@ -362,8 +427,10 @@ class TestCrossEntropyContract(LossContract):
         t = torch.randint(0, shape[1], (shape[0],) + shape[2:], device=device)
         t.view(-1)[::4] = -100
         w = (torch.rand(shape[1], dtype=torch.float64) + 0.2).to(dtype).to(device)
+        tw = (torch.rand(t.shape, dtype=torch.float64) * 2).to(device)
         return Sample((x.requires_grad_(), t, w),
-                      dict(label_smoothing=0.1, z_loss=1e-2, softcap=3.0, logit_scale=1.3))
+                      dict(label_smoothing=0.1, z_loss=1e-2, softcap=3.0, logit_scale=1.3,
+                           token_weight=tw.to(dtype)))
 
     def gradcheck_sample(self, device):
         return self.sample(device, torch.float64, shape=(3, 13, 2))
@@ -374,12 +441,14 @@ class TestCrossEntropyContract(LossContract):
     def op_samples(self, device):
         x = torch.randn(4, 33, 2, device=device, requires_grad=True)
         t = torch.tensor([0, 5, -100, 32, 7, 1, 2, 3], device=device)
-        common = dict(weight=torch.rand(33, device=device),
+        common = dict(weight=torch.rand(33, device=device), row_weight=None,
                       loss_scale=torch.tensor(0.25, device=device), ignore_index=-100,
-                      label_smoothing=0.1, logit_scale=1.0, softcap=0.0, z_loss=0.0)
+                      label_smoothing=0.1, logit_scale=1.0, softcap=0.0, z_loss=0.0,
+                      compute_entropy=False)
         p = torch.softmax(torch.randn(4, 33, 2, device=device), 1)
         probs = dict(common, weight=None, label_smoothing=0.0, logit_scale=2.0, softcap=5.0,
-                     z_loss=1e-3)
+                     z_loss=1e-3, row_weight=torch.rand(8, device=device),
+                     compute_entropy=True)
         return [("cross_entropy", dict(common, x=x, target=t, reduction=r, compute_grad=True))
                 for r in (0, 1)] + [
             ("cross_entropy", dict(probs, x=x, target=p, reduction=2, compute_grad=True)),

@@ -30,10 +30,12 @@ struct RowArgs {
   bool target_prob_is_acc;   // its dtype is the accumulation type (else x's dtype)
   const void* weight;        // (C,) accumulation type, or nullptr
   const void* alpha;         // (C,) accumulation type, or nullptr (focal only)
+  const void* row_weight;    // (N,) accumulation type, or nullptr: multiplies each row
   const void* loss_scale;    // 0-dim accumulation type: multiplies the gradient
   const void* weight_sum;    // 0-dim accumulation type, sum of weight; nullptr: C
   void* loss_rows;           // (N,) accumulation type, unscaled
   void* lse;                 // (N,) accumulation type, or nullptr
+  void* entropy;             // (N,) accumulation type, or nullptr: not computed
   int64_t B, C, S, N;
   int64_t ignore_index;
   double label_smoothing, logit_scale, softcap, z_loss, gamma;

@@ -17,6 +17,7 @@ struct RowOptions {
   acc_t grad_mult;  // logit_scale * loss_scale: dz/dx's constant part times the scale
   const acc_t* w;
   const acc_t* alpha;
+  const acc_t* row_weight;
 
   // Reads the 0-dim loss_scale and weight_sum where they live (host or device memory):
   // the CPU builds this on the host, a CUDA kernel in each thread.
@@ -35,7 +36,8 @@ struct RowOptions {
         weight_sum(a.weight_sum ? *static_cast<const acc_t*>(a.weight_sum) : acc_t(a.C)),
         grad_mult(acc_t(a.logit_scale) * *static_cast<const acc_t*>(a.loss_scale)),
         w(static_cast<const acc_t*>(a.weight)),
-        alpha(static_cast<const acc_t*>(a.alpha)) {}
+        alpha(static_cast<const acc_t*>(a.alpha)),
+        row_weight(static_cast<const acc_t*>(a.row_weight)) {}
 
   // z from x: logit_scale, then the softcap. V: acc_t, or a CPU vector of it.
   template <class V>
@@ -54,25 +56,41 @@ struct RowOptions {
   FUSEDLOSS_HD acc_t w_at(int64_t c) const { return w ? w[c] : acc_t(1); }
 };
 
-// The loss and gradient coefficients of one row from its reduced statistics (see
+// The loss and gradient coefficients of row r from its reduced statistics (see
 // math::CrossEntropyRow): d_t = m - z_t, log s, lse, and the side sums
 // sum_wd = sum_c w_c d_c (class-index target with smoothing) or sum_c w_c t'_c d_c
-// (probability target), sum_w = sum_c w_c t'_c (probability target).
+// (probability target), sum_w = sum_c w_c t'_c (probability target). The row weight, when
+// given, multiplies the loss and the three coefficients.
 template <RowMode kMode, class acc_t>
-FUSEDLOSS_HD math::CrossEntropyRow<acc_t> finish_row(const RowOptions<acc_t>& o,
+FUSEDLOSS_HD math::CrossEntropyRow<acc_t> finish_row(const RowOptions<acc_t>& o, int64_t r,
                                                     math::TargetState st, int64_t t,
                                                     acc_t d_t, acc_t log_s, acc_t lse,
                                                     acc_t sum_wd, acc_t sum_w) {
+  math::CrossEntropyRow<acc_t> row;
   if constexpr (kMode == RowMode::kCrossEntropyProb) {
-    return math::cross_entropy_prob_row(sum_wd, sum_w, log_s, lse, o.z_loss);
+    row = math::cross_entropy_prob_row(sum_wd, sum_w, log_s, lse, o.z_loss);
   } else {
     const bool valid = st == math::TargetState::kValid;
     const acc_t w_t = valid ? o.w_at(t) : acc_t(1);
     const acc_t a_t = valid && o.alpha ? o.alpha[t] : acc_t(1);
-    return math::class_target_row(kMode == RowMode::kFocal, st, d_t, log_s, lse, w_t, a_t,
-                                  o.eps, o.n_classes, o.weight_sum, sum_wd, o.z_loss,
-                                  o.gamma);
+    row = math::class_target_row(kMode == RowMode::kFocal, st, d_t, log_s, lse, w_t, a_t,
+                                 o.eps, o.n_classes, o.weight_sum, sum_wd, o.z_loss, o.gamma);
   }
+  if (o.row_weight && st == math::TargetState::kValid) {
+    const acc_t rw = o.row_weight[r];
+    row.loss *= rw;
+    row.p_coef *= rw;
+    row.w_coef *= rw;
+    row.t_coef *= rw;
+  }
+  return row;
+}
+
+// The softmax entropy of a row from s and sum_c e_c d_c (e_c = exp(z_c - m), d_c = m - z_c):
+// H = sum_c p_c (lse - z_c) = log s + sum_c e_c d_c / s, both terms >= 0.
+template <class acc_t>
+FUSEDLOSS_HD acc_t row_entropy(acc_t s, acc_t log_s, acc_t sum_ed) {
+  return log_s + sum_ed / s;
 }
 
 }  // namespace fusedloss

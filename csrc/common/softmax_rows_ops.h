@@ -16,13 +16,17 @@
 
 namespace fusedloss {
 
+struct SoftmaxRowsOutputs {
+  at::Tensor rows, lse, entropy;  // (N,) accumulation type; lse, entropy may be undefined
+  at::Tensor loss_scale;          // 0-dim accumulation type, on the rows' device
+};
+
 // The checks, outputs and launch shared by the three ops. `a` is any of their schemas
 // (they share the argument names); x is a.x made contiguous, grad the gradient buffer (x
-// itself in place), or undefined. Returns (loss, lse).
+// itself in place), or undefined. Returns the unscaled loss rows, lse and entropy.
 template <class Device, class A>
-std::pair<at::Tensor, at::Tensor> run_softmax_rows(const A& a, RowMode mode,
-                                                   const at::Tensor& x, const at::Tensor& grad,
-                                                   bool with_lse, const char* op) {
+SoftmaxRowsOutputs run_softmax_rows(const A& a, RowMode mode, const at::Tensor& x,
+                                    const at::Tensor& grad, const char* op) {
   TORCH_CHECK(x.device().type() == Device::kType, "fusedloss.", op, ": expected ",
               Device::kType, " tensors, got x on ", x.device());
   TORCH_CHECK(x.dim() == 3, "fusedloss.", op, ": x must be (B, C, S), got shape ", x.sizes());
@@ -65,14 +69,13 @@ std::pair<at::Tensor, at::Tensor> run_softmax_rows(const A& a, RowMode mode,
   }
   const at::Tensor weight = class_vector(a.weight, C, acc, x, op, "weight");
   r.weight = weight.defined() ? weight.const_data_ptr() : nullptr;
-  const at::Tensor loss_scale = device_scalar(a.loss_scale, acc, x, op, "loss_scale");
-  r.loss_scale = loss_scale.const_data_ptr();
 
-  at::Tensor rows = at::empty({N}, x.options().dtype(acc));
-  at::Tensor lse = with_lse ? at::empty({N}, x.options().dtype(acc)) : at::Tensor();
-  r.loss_rows = rows.mutable_data_ptr();
-  r.lse = with_lse ? lse.mutable_data_ptr() : nullptr;
-  at::Tensor alpha;
+  SoftmaxRowsOutputs out;
+  out.loss_scale = device_scalar(a.loss_scale, acc, x, op, "loss_scale");
+  r.loss_scale = out.loss_scale.const_data_ptr();
+  out.rows = at::empty({N}, x.options().dtype(acc));
+  r.loss_rows = out.rows.mutable_data_ptr();
+  at::Tensor alpha, row_weight;
   if constexpr (requires { a.alpha; }) {
     alpha = class_vector(a.alpha, C, acc, x, op, "alpha");
     r.alpha = alpha.defined() ? alpha.const_data_ptr() : nullptr;
@@ -88,15 +91,32 @@ std::pair<at::Tensor, at::Tensor> run_softmax_rows(const A& a, RowMode mode,
     r.logit_scale = a.logit_scale;
     r.softcap = a.softcap;
     r.z_loss = a.z_loss;
+    out.lse = at::empty({N}, x.options().dtype(acc));
+    r.lse = out.lse.mutable_data_ptr();
+    out.entropy = at::empty({a.compute_entropy ? N : 0}, x.options().dtype(acc));
+    r.entropy = a.compute_entropy ? out.entropy.mutable_data_ptr() : nullptr;
+    if (a.row_weight.has_value() && a.row_weight->defined()) {
+      check_device(*a.row_weight, x, op, "row_weight");
+      TORCH_CHECK(a.row_weight->numel() == N, "fusedloss.", op, ": row_weight must have ", N,
+                  " entries (B*S), got shape ", a.row_weight->sizes());
+      row_weight = a.row_weight->to(acc).contiguous();
+      r.row_weight = row_weight.const_data_ptr();
+    }
   }
   // Only label smoothing reads sum_c w_c (W in the algebra).
   const at::Tensor weight_sum =
       weight.defined() && r.label_smoothing > 0 ? weight.sum() : at::Tensor();
   r.weight_sum = weight_sum.defined() ? weight_sum.const_data_ptr() : nullptr;
   Device::softmax_rows(r);
-  at::Tensor loss = a.reduction == 0 ? rows.to(x.scalar_type())
-                                     : Device::sum_rows(rows, loss_scale, x.scalar_type());
-  return {loss, lse};
+  return out;
+}
+
+// The loss output: the rows themselves (reduction none) or their sum times loss_scale,
+// in `dtype`.
+template <class Device>
+at::Tensor reduce_loss(int64_t reduction, const SoftmaxRowsOutputs& o, at::ScalarType dtype) {
+  if (reduction == 0) return o.rows.to(dtype);
+  return Device::sum_rows(o.rows, o.loss_scale, dtype);
 }
 
 inline RowMode cross_entropy_mode(const at::Tensor& target) {
@@ -104,31 +124,35 @@ inline RowMode cross_entropy_mode(const at::Tensor& target) {
                                     : RowMode::kCrossEntropyClass;
 }
 
+// The loss is returned in the accumulation type (linear_cross_entropy sums chunks of it).
 template <class Device>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy(const schema::cross_entropy& a) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy(
+    const schema::cross_entropy& a) {
   const at::Tensor x = a.x.contiguous();
   const at::Tensor grad = a.compute_grad ? Device::new_grad(x) : at::Tensor();
-  auto [loss, lse] = run_softmax_rows<Device>(a, cross_entropy_mode(a.target), x, grad, true,
-                                              "cross_entropy");
-  return {loss, lse, a.compute_grad ? grad : x.new_empty({0})};
+  SoftmaxRowsOutputs o = run_softmax_rows<Device>(a, cross_entropy_mode(a.target), x, grad,
+                                                  "cross_entropy");
+  return {reduce_loss<Device>(a.reduction, o, o.rows.scalar_type()), o.lse, o.entropy,
+          a.compute_grad ? grad : x.new_empty({0})};
 }
 
 template <class Device>
-std::tuple<at::Tensor, at::Tensor> cross_entropy_inplace(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_inplace(
     const schema::cross_entropy_inplace& a) {
   TORCH_CHECK(a.x.is_contiguous(), "fusedloss.cross_entropy_inplace: x must be contiguous "
               "(the gradient is written over it)");
-  auto [loss, lse] = run_softmax_rows<Device>(a, cross_entropy_mode(a.target), a.x, a.x, true,
-                                              "cross_entropy_inplace");
-  return {loss, lse};
+  SoftmaxRowsOutputs o = run_softmax_rows<Device>(a, cross_entropy_mode(a.target), a.x, a.x,
+                                                  "cross_entropy_inplace");
+  return {reduce_loss<Device>(a.reduction, o, o.rows.scalar_type()), o.lse, o.entropy};
 }
 
 template <class Device>
 std::tuple<at::Tensor, at::Tensor> focal_loss(const schema::focal_loss& a) {
   const at::Tensor x = a.x.contiguous();
   const at::Tensor grad = a.compute_grad ? Device::new_grad(x) : at::Tensor();
-  auto [loss, lse] = run_softmax_rows<Device>(a, RowMode::kFocal, x, grad, false, "focal_loss");
-  return {loss, a.compute_grad ? grad : x.new_empty({0})};
+  SoftmaxRowsOutputs o = run_softmax_rows<Device>(a, RowMode::kFocal, x, grad, "focal_loss");
+  return {reduce_loss<Device>(a.reduction, o, x.scalar_type()),
+          a.compute_grad ? grad : x.new_empty({0})};
 }
 
 }  // namespace fusedloss

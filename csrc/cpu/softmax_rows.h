@@ -52,6 +52,7 @@ void rows_contiguous(const RowArgs& a, int64_t r0, int64_t r1) {
   const tgt_t* tprob = static_cast<const tgt_t*>(a.target_prob);
   acc_t* loss_rows = static_cast<acc_t*>(a.loss_rows);
   acc_t* lse_out = static_cast<acc_t*>(a.lse);
+  acc_t* entropy_out = static_cast<acc_t*>(a.entropy);
 
   constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
   // z is read straight from x when the transform is the identity.
@@ -97,9 +98,10 @@ void rows_contiguous(const RowArgs& a, int64_t r0, int64_t r1) {
     // Read before sweep 2, which may overwrite x (in place, float32/float64).
     const acc_t z_t = st == TargetState::kValid ? zr[t] : acc_t(0);
 
-    // Sweep 2: e = exp(z - m), s = sum e, side sums of d = m - z.
+    // Sweep 2: e = exp(z - m), s = sum e, side sums of d = m - z (and sum e d for the
+    // entropy; 0 where e is, at -inf logits).
     acc_t* er = e_in_grad ? reinterpret_cast<acc_t*>(gr) : ebuf.p;
-    V vs(0), vside_d(0), vside_w(0);
+    V vs(0), vside_d(0), vside_w(0), ved(0);
     const V vm(m);
     auto sweep2 = [&](int64_t c, int64_t n) {
       V z = n == L ? V::loadu(zr + c) : V::loadu(zr + c, n);
@@ -110,6 +112,7 @@ void rows_contiguous(const RowArgs& a, int64_t r0, int64_t r1) {
         d = V::set(V(0), d, n);
       }
       vs = vs + e;
+      if (entropy_out) ved = ved + V::blendv(V(0), e * d, e > V(0));
       if (er) {
         if (n == L) e.store(er + c); else e.store(er + c, n);
       }
@@ -130,7 +133,8 @@ void rows_contiguous(const RowArgs& a, int64_t r0, int64_t r1) {
     const auto st_row = math::row_lse(m, hsum(vs));
     const acc_t s = st_row.s, log_s = st_row.log_s, lse = st_row.lse;
     if (lse_out) lse_out[r] = lse;
-    const auto row = finish_row<kMode>(o, st, t, m - z_t, log_s, lse, hsum(vside_d),
+    if (entropy_out) entropy_out[r] = row_entropy(s, log_s, hsum(ved));
+    const auto row = finish_row<kMode>(o, r, st, t, m - z_t, log_s, lse, hsum(vside_d),
                                        hsum(vside_w));
     loss_rows[r] = row.loss;
     if (!gr) continue;
@@ -187,6 +191,7 @@ void rows_strided(const RowArgs& a, int64_t i0, int64_t i1) {
   const tgt_t* tprob = static_cast<const tgt_t*>(a.target_prob);
   acc_t* loss_rows = static_cast<acc_t*>(a.loss_rows);
   acc_t* lse_out = static_cast<acc_t*>(a.lse);
+  acc_t* entropy_out = static_cast<acc_t*>(a.entropy);
   const bool smooth_sum = kMode == RowMode::kCrossEntropyClass && o.eps > acc_t(0);
 
   for (int64_t item = i0; item < i1; ++item) {
@@ -206,11 +211,13 @@ void rows_strided(const RowArgs& a, int64_t i0, int64_t i1) {
     V vmax(-std::numeric_limits<acc_t>::infinity());
     for (int64_t c = 0; c < C; ++c) vmax = at::vec::maximum(vmax, z_at(c));
 
-    V vs(0), vside_d(0), vside_w(0);
+    V vs(0), vside_d(0), vside_w(0), ved(0);
     for (int64_t c = 0; c < C; ++c) {
       const V z = z_at(c);
       const V d = vmax - z;
-      vs = vs + softmax_exp(z - vmax);
+      const V e = softmax_exp(z - vmax);
+      vs = vs + e;
+      if (entropy_out) ved = ved + V::blendv(V(0), e * d, e > V(0));
       if constexpr (kMode == RowMode::kCrossEntropyClass) {
         if (smooth_sum) vside_d = vside_d + d * V(o.w_at(c));
       } else if constexpr (kMode == RowMode::kCrossEntropyProb) {
@@ -220,7 +227,7 @@ void rows_strided(const RowArgs& a, int64_t i0, int64_t i1) {
       }
     }
 
-    __at_align__ acc_t m[L], s[L], side_d[L], side_w[L];
+    __at_align__ acc_t m[L], s[L], side_d[L], side_w[L], ed[L];
     __at_align__ acc_t p_mult[L], w_mult[L];
     acc_t t_mult[L], z_t[L];
     int64_t t[L];
@@ -229,6 +236,7 @@ void rows_strided(const RowArgs& a, int64_t i0, int64_t i1) {
     vs.store(s);
     vside_d.store(side_d);
     vside_w.store(side_w);
+    ved.store(ed);
     for (int64_t l = 0; l < L; ++l) {
       p_mult[l] = w_mult[l] = acc_t(0);
       if (l >= n) continue;
@@ -245,7 +253,8 @@ void rows_strided(const RowArgs& a, int64_t i0, int64_t i1) {
       s[l] = st_row.s;
       const acc_t log_s = st_row.log_s, lse = st_row.lse;
       if (lse_out) lse_out[row0 + l] = lse;
-      const auto row = finish_row<kMode>(o, st[l], t[l], m[l] - z_t[l], log_s, lse,
+      if (entropy_out) entropy_out[row0 + l] = row_entropy(s[l], log_s, ed[l]);
+      const auto row = finish_row<kMode>(o, row0 + l, st[l], t[l], m[l] - z_t[l], log_s, lse,
                                          side_d[l], side_w[l]);
       loss_rows[row0 + l] = row.loss;
       p_mult[l] = row.p_coef / s[l] * o.grad_mult;

@@ -88,28 +88,32 @@ __device__ __forceinline__ void softmax_row(const RowArgs& p, const RowOptions<a
   // The side sums were taken on z, not on d = m - z as on the CPU (m was not known yet):
   // sum_c w_c d_c = (sum_c w_c) m - sum_c w_c z_c.
   const acc_t w_total = kMode == RowMode::kCrossEntropyProb ? side_w : o.weight_sum;
-  const auto row = finish_row<kMode>(o, st, t, m - z_t, rl.log_s, rl.lse,
+  const auto row = finish_row<kMode>(o, r, st, t, m - z_t, rl.log_s, rl.lse,
                                      w_total * m - side_z, side_w);
   if (lane == 0) {
     if (p.lse) static_cast<acc_t*>(p.lse)[r] = rl.lse;
     static_cast<acc_t*>(p.loss_rows)[r] = row.loss;
   }
-  if (p.grad == nullptr) return;
+  if (p.grad == nullptr && p.entropy == nullptr) return;
   // A warp's shuffles do not order memory; this does (see z_t above). A block's
   // reductions already passed __syncthreads.
   if constexpr (kThreads == 32) __syncwarp();
 
-  // Pass B. m + log s (not rl.lse) so that a row without a softmax gets NaN everywhere.
-  scalar_t* gr = static_cast<scalar_t*>(p.grad) + base;
+  // Pass B: the gradient, and the entropy sum_c p_c (lse - z_c) (0 where p_c is). m + log s
+  // (not rl.lse) so that a row without a softmax gets NaN everywhere.
+  scalar_t* gr = p.grad ? static_cast<scalar_t*>(p.grad) + base : nullptr;
   const acc_t lse_p = m + rl.log_s;
   const acc_t p_mult = row.p_coef * o.grad_mult, w_mult = row.w_coef * o.grad_mult;
   const acc_t t_mult = row.t_coef * o.grad_mult;
   const bool zero_row =
       kMode != RowMode::kCrossEntropyProb && st == math::TargetState::kIgnored;
+  acc_t entropy = acc_t(0);
   auto grad_of = [&](int64_t c, acc_t xv) -> acc_t {
-    if (zero_row) return acc_t(0);
     const acc_t z = o.apply(xv);
-    acc_t g = math::fl_exp(z - lse_p) * p_mult;
+    const acc_t e = math::fl_exp(z - lse_p);
+    if (p.entropy && e > acc_t(0)) entropy += e * (lse_p - z);
+    if (zero_row) return acc_t(0);
+    acc_t g = e * p_mult;
     if constexpr (kMode == RowMode::kCrossEntropyClass) {
       g -= o.w_at(c) * w_mult;
     } else if constexpr (kMode == RowMode::kCrossEntropyProb) {
@@ -121,18 +125,25 @@ __device__ __forceinline__ void softmax_row(const RowArgs& p, const RowOptions<a
     if (o.has_cap) g *= o.dz(z);
     return g;
   };
-  if (vec && aligned16(gr)) {
+  if (vec && (gr == nullptr || aligned16(gr))) {
     for (int64_t c0 = int64_t(lane) * kVec; c0 < C; c0 += int64_t(kThreads) * kVec) {
       const XVec v = *reinterpret_cast<const XVec*>(xr + c0);
       XVec out;
 #pragma unroll
       for (int k = 0; k < kVec; ++k)
         out.v[k] = static_cast<scalar_t>(grad_of(c0 + k, static_cast<acc_t>(v.v[k])));
-      *reinterpret_cast<XVec*>(gr + c0) = out;
+      if (gr) *reinterpret_cast<XVec*>(gr + c0) = out;
     }
   } else {
-    for (int64_t c = lane; c < C; c += kThreads)
-      gr[c * S] = static_cast<scalar_t>(grad_of(c, static_cast<acc_t>(xr[c * S])));
+    for (int64_t c = lane; c < C; c += kThreads) {
+      const acc_t g = grad_of(c, static_cast<acc_t>(xr[c * S]));
+      if (gr) gr[c * S] = static_cast<scalar_t>(g);
+    }
+  }
+  if (p.entropy) {  // uniform over the row's threads, as the group sum requires
+    if constexpr (kThreads > 1) entropy = Group<kThreads>::sum(entropy, smem);
+    if (lane == 0)
+      static_cast<acc_t*>(p.entropy)[r] = math::fl_isfinite(lse_p) ? entropy : lse_p;
   }
 }
 

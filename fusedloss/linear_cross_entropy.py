@@ -1,0 +1,381 @@
+"""Fused linear + cross-entropy: the LM head and its loss without ever holding the logits.
+
+A drop-in for torch.nn.functional.linear_cross_entropy and torch.nn.LinearCrossEntropyLoss
+(torch 2.14), with everything fusedloss.cross_entropy adds.
+
+How it runs (every kernel backend, through its own cross-entropy op; the reference is the
+same loop in autograd-checkpointed torch ops). The N rows of `input` go in chunks of R:
+
+    logits = input[chunk] @ W^T (+ b)              one matmul, (R, V) in input's dtype
+    cross_entropy_inplace(logits)                  the row kernel: loss, lse (and entropy)
+                                                   of each row, the gradient written over
+                                                   the logits (no second buffer)
+    grad_input[chunk] = grad_logits @ W            exact per chunk
+    grad_weight += grad_logits^T @ input[chunk]    float32 accumulation for half inputs
+    grad_bias += sum of grad_logits rows
+
+so fwd+bwd is three matmuls, the floor, and the logits never exist beyond one chunk. The
+gradients are computed in the forward when the loss is reduced (their scale is then the
+one scalar the backward multiplies by) and in the backward otherwise (reduction "none":
+each row's incoming gradient becomes its row weight; the chunk's logits are computed once
+more). Memory beyond the outputs and the gradients is O(R x V); R comes from N, D, V and
+the dtype (chunk_size overrides it).
+"""
+import math
+
+import torch
+
+from . import _backends, _checks, _library, reference
+from ._library import Op, acc_dtype
+from .cross_entropy import (CROSS_ENTROPY, CROSS_ENTROPY_INPLACE, check_target_and_weight,
+                            check_token_weight, class_index_weights, mean_scale)
+
+# Bytes of one chunk of logits (which also holds its gradient). On a CPU the chunk stays
+# small enough for the caches and the allocator; on a GPU it only has to keep the matmuls
+# large.
+CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 1 << 30}
+
+
+def default_chunk_size(n_rows, n_features, n_logits, dtype, device_type):
+    """Rows per chunk: as many as fit CHUNK_BYTES of logits (at least 16, a multiple of 16
+    when smaller than N, so that the matmuls stay efficient)."""
+    per_row = n_logits * max(dtype.itemsize, 4 if device_type == "cpu" else 0)
+    rows = CHUNK_BYTES.get(device_type, CHUNK_BYTES["cuda"]) // max(per_row, 1)
+    rows = max(16, rows // 16 * 16)
+    return max(1, min(n_rows, rows))
+
+
+# ------------------------------------------------------------------------------ the op
+def _outputs(a):
+    x, w = a.input, a.linear_weight
+    acc = acc_dtype(x.dtype)
+    rows = x.shape[0] * (w.shape[0] // a.num_classes)
+    new = lambda shape, like=x, dtype=None: like.new_empty(shape, dtype=dtype)  # noqa: E731
+    return (new((rows,) if a.reduction == 0 else (), dtype=acc), new((rows,), dtype=acc),
+            new((rows,) if a.compute_entropy else (0,), dtype=acc),
+            new(x.shape if a.grad_input else (0,)), new(w.shape if a.grad_weight else (0,), w),
+            new((w.shape[0],) if a.grad_bias and a.linear_bias is not None else (0,), w))
+
+
+def _add_product(acc, a, b):
+    """acc += a @ b, with acc in float32 when a and b are half: one matmul into it on CUDA,
+    a float32 matmul of upcast operands elsewhere (an O(chunk x V) copy)."""
+    if acc.dtype == a.dtype:
+        return acc.addmm_(a, b)
+    if a.is_cuda and hasattr(torch.ops.aten.addmm, "dtype_out"):
+        return torch.ops.aten.addmm.dtype_out(acc, a, b, acc.dtype, out=acc)
+    return acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def _run(a, ns):
+    """The chunk loop, for every backend: `ns` names the cross-entropy ops it runs."""
+    x, w, b = a.input, a.linear_weight, a.linear_bias
+    (n, d), v = x.shape, w.shape[0]
+    classes, positions = a.num_classes, v // a.num_classes
+    acc = acc_dtype(x.dtype)
+    loss, lse, entropy, grad_x, grad_w, grad_b = _outputs(a)
+    rows = loss if a.reduction == 0 else lse.new_empty(lse.shape)
+    want = (a.grad_input, a.grad_weight, a.grad_bias and b is not None)
+    # Gradient accumulators: float32 for half weights (the matmul's own accumulation).
+    grad_w_acc = torch.zeros((v, d), dtype=acc_dtype(w.dtype), device=w.device) \
+        if want[1] else None
+    grad_b_acc = torch.zeros(v, dtype=acc_dtype(w.dtype), device=w.device) if want[2] else None
+    prob_target = a.target.is_floating_point()
+    for i0 in range(0, n, a.chunk_size):
+        i1 = min(n, i0 + a.chunk_size)
+        r0, r1 = i0 * positions, i1 * positions
+        xc = x[i0:i1]
+        logits = torch.mm(xc, w.t()) if b is None else torch.addmm(b, xc, w.t())
+        kwargs = dict(
+            x=logits.view(i1 - i0, classes, positions),
+            target=a.target[i0:i1] if prob_target else a.target[r0:r1], weight=a.weight,
+            row_weight=a.row_weight[r0:r1] if a.row_weight is not None else None,
+            loss_scale=a.loss_scale, ignore_index=a.ignore_index,
+            label_smoothing=a.label_smoothing, logit_scale=a.logit_scale, softcap=a.softcap,
+            z_loss=a.z_loss, reduction=0, compute_entropy=a.compute_entropy)
+        if any(want):  # the gradient of the chunk's logits, written over them
+            out = CROSS_ENTROPY_INPLACE.call(ns, **kwargs)
+        else:
+            out = CROSS_ENTROPY.call(ns, compute_grad=False, **kwargs)[:3]
+        rows[r0:r1], lse[r0:r1] = out[0], out[1]
+        if a.compute_entropy:
+            entropy[r0:r1] = out[2]
+        g = logits  # (chunk, V): now d loss / d logits
+        if want[0]:
+            torch.mm(g, w, out=grad_x[i0:i1])
+        if want[1]:
+            _add_product(grad_w_acc, g.t(), xc)
+        if want[2]:
+            grad_b_acc += g.sum(0, dtype=grad_b_acc.dtype)
+    if a.reduction != 0:
+        loss.copy_(rows.sum() * a.loss_scale)
+    if want[1]:
+        grad_w.copy_(grad_w_acc)
+    if want[2]:
+        grad_b.copy_(grad_b_acc)
+    return loss, lse, entropy, grad_x, grad_w, grad_b
+
+
+_run.builds_on = "cross_entropy_inplace"
+
+_GRADS = ("input", "linear_weight", "linear_bias")
+
+
+def _setup_context(ctx, a, outputs):
+    ctx.mark_non_differentiable(*outputs[1:])
+    ctx.set_materialize_grads(False)
+    # Gradients computed in the forward (reduced losses): the backward only scales them
+    # (in place where the graph owns them, see fusedloss._library.SavedGradient).
+    ctx.grads = {name: g for name, g in zip(_GRADS, outputs[3:]) if g.numel() > 0}
+    ctx.n_rows = outputs[1].shape[0]
+
+
+def _backward(ctx, grad_loss, *unused):
+    if grad_loss is None:
+        return {}
+    needed = {name for name, need in zip(LINEAR_CROSS_ENTROPY.arg_names, ctx.needs_input_grad)
+              if need and name in _GRADS}
+    if needed and needed <= ctx.grads.keys():
+        out = {}
+        for name in needed:
+            g = ctx.grads[name]
+            if g is None:
+                raise RuntimeError(_library.CONSUMED)
+            in_place = (getattr(g, "_fusedloss_owned", False) and type(g) is torch.Tensor
+                        and not torch.compiler.is_compiling())
+            if in_place:
+                ctx.grads[name] = None
+            out[name] = _library.scale_grad(g, grad_loss, 1, (), in_place)
+        return out
+    # Reduction "none" (or no gradient in the forward): run the chunks again, each row's
+    # incoming gradient folded into its row weight.
+    a = LINEAR_CROSS_ENTROPY.saved_args(ctx)
+    row_weight = grad_loss.to(acc_dtype(a.input.dtype)).expand(ctx.n_rows)
+    if a.row_weight is not None:
+        row_weight = row_weight * a.row_weight
+    outs = LINEAR_CROSS_ENTROPY.call(
+        ctx.fusedloss_backend, **{**vars(a), "row_weight": row_weight.contiguous(),
+                                  "compute_entropy": False, "grad_input": "input" in needed,
+                                  "grad_weight": "linear_weight" in needed,
+                                  "grad_bias": "linear_bias" in needed})
+    return {name: g for name, g in zip(_GRADS, outs[3:]) if name in needed}
+
+
+def _reference(a):
+    """The op's loss output in torch ops (for higher-order gradients)."""
+    logits = torch.nn.functional.linear(a.input, a.linear_weight, a.linear_bias)
+    n, classes = a.input.shape[0], a.num_classes
+    logits = logits.view(n, classes, -1)
+    target = a.target if a.target.is_floating_point() else a.target.view(n, -1)
+    rows, _ = reference.cross_entropy(
+        logits, target, a.weight, a.ignore_index, "none", a.label_smoothing, a.z_loss,
+        a.softcap or None, a.logit_scale,
+        token_weight=a.row_weight.view(n, -1) if a.row_weight is not None else None)
+    return (_library.reduce_reference_rows(rows, a, acc_dtype(a.input.dtype)),)
+
+
+LINEAR_CROSS_ENTROPY = Op(
+    "linear_cross_entropy",
+    "(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, Tensor? weight, "
+    "Tensor? row_weight, Tensor loss_scale, int num_classes, int ignore_index, "
+    "float label_smoothing, float logit_scale, float softcap, float z_loss, int reduction, "
+    "bool compute_entropy, int chunk_size, bool grad_input, bool grad_weight, bool grad_bias) "
+    "-> (Tensor loss, Tensor lse, Tensor entropy, Tensor grad_input, Tensor grad_weight, "
+    "Tensor grad_bias)",
+    outputs=_outputs, backends=("triton", "cpu", "cuda"), composite=_run,
+    setup_context=_setup_context, backward=_backward, reference=_reference).define()
+
+
+# ------------------------------------------------------------------------------ the loss
+def _check_linear(input, linear_weight, linear_bias):
+    """torch's shape rules: input (in_features) or (N, in_features); linear_weight
+    (C, in_features) or (C, d1..dK, in_features) (K-dimensional loss, batched input only);
+    linear_bias (C, d1..dK). Returns the logits' shape."""
+    _checks.floating("input", input)
+    _checks.floating("linear_weight", linear_weight)
+    if input.dim() not in (1, 2):
+        raise ValueError(f"input must be (in_features) or (N, in_features), got shape "
+                         f"{tuple(input.shape)}; flatten leading dimensions first: "
+                         "hidden.flatten(0, -2) with target.flatten()")
+    if linear_weight.dim() < 2:
+        raise ValueError(f"linear_weight must be (C, in_features) or (C, d1, ..., dK, "
+                         f"in_features), got shape {tuple(linear_weight.shape)}")
+    if linear_weight.shape[-1] != input.shape[-1]:
+        raise ValueError(f"linear_weight has in_features={linear_weight.shape[-1]} but input "
+                         f"has {input.shape[-1]}")
+    if linear_weight.dtype != input.dtype:
+        raise TypeError(f"linear_weight has dtype {linear_weight.dtype} but input has "
+                        f"{input.dtype}; they must match (as in F.linear)")
+    _checks.same_device("linear_weight", linear_weight, input)
+    out_features = tuple(linear_weight.shape[1:-1])
+    if out_features and input.dim() == 1:
+        raise ValueError("a K-dimensional loss (linear_weight of shape (C, d1, ..., dK, "
+                         "in_features)) needs a batched input (N, in_features)")
+    if linear_bias is not None:
+        _checks.tensor("linear_bias", linear_bias)
+        if tuple(linear_bias.shape) != tuple(linear_weight.shape[:-1]):
+            raise ValueError(f"linear_bias must have shape {tuple(linear_weight.shape[:-1])}, "
+                             f"got {tuple(linear_bias.shape)}")
+        if linear_bias.dtype != input.dtype:
+            raise TypeError(f"linear_bias has dtype {linear_bias.dtype} but input has "
+                            f"{input.dtype}; they must match")
+        _checks.same_device("linear_bias", linear_bias, input)
+    return (*input.shape[:-1], linear_weight.shape[0], *out_features)
+
+
+def _chunk_size(chunk_size, options):
+    if chunk_size is None and options is not None:
+        chunk_size = getattr(options, "batch_chunk_size", None)
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    return chunk_size
+
+
+def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
+                         reduction="mean", ignore_index=-100, label_smoothing=0.0,
+                         z_loss=0.0, softcap=None, logit_scale=1.0, token_weight=None,
+                         return_lse=False, return_entropy=False, chunk_size=None,
+                         options=None, backend="auto"):
+    """cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...) without the
+    logits: a drop-in for torch.nn.functional.linear_cross_entropy.
+
+    input (in_features) or (N, in_features); for a (B, T, D) hidden state pass
+    hidden.flatten(0, -2) and target.flatten(). linear_weight (C, in_features), or
+    (C, d1, ..., dK, in_features) for a K-dimensional loss; linear_bias (C, d1, ..., dK).
+    target: class indices of shape (), (N) or (N, d1, ..., dK), or probabilities of the
+    logits' shape. weight, reduction, ignore_index (None means -100, as torch's),
+    label_smoothing, z_loss, softcap, logit_scale, token_weight, return_lse and
+    return_entropy: as in fusedloss.cross_entropy. options: torch's
+    LinearCrossEntropyOptions, accepted for compatibility (its batch_chunk_size is the
+    chunk size; fusedloss always chunks).
+
+    chunk_size: rows per chunk (default from N, D, V and the dtype, see
+    default_chunk_size). Memory beyond the outputs: one chunk of logits, R x V x (the
+    input's itemsize), which the row kernel overwrites with its gradient; with a gradient,
+    grad_input (N x D, input's dtype), grad_weight (V x D: accumulated in float32 for half
+    weights, so 4 V D bytes during the loop, then V x D in the weight's dtype) and
+    grad_bias (V); for half inputs on a CPU the chunk's gradient is also upcast for the
+    grad_weight matmul (R x V x 4 bytes). For reduced losses the gradients are computed in
+    the forward; for reduction "none" the backward runs the chunks again.
+
+    Returns the loss, plus lse and entropy (detached, one per position) when asked, as
+    fusedloss.cross_entropy does.
+    """
+    red = _checks.reduction_code(reduction)
+    logits_shape = _check_linear(input, linear_weight, linear_bias)
+    _checks.tensor("target", target)
+    if ignore_index is None:
+        ignore_index = -100
+    _checks.integer("ignore_index", ignore_index)
+    label_smoothing = _checks.number("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    logit_scale = _checks.number("logit_scale", logit_scale, low=0.0, low_open=True)
+    softcap = _checks.number("softcap", softcap, low=0.0, low_open=True, allow_none=True)
+    z_loss = _checks.number("z_loss", z_loss, low=0.0)
+    chunk_size = _chunk_size(chunk_size, options)
+    class_dim = 0 if input.dim() == 1 else 1
+    prob_target = check_target_and_weight(target, weight, logits_shape, class_dim,
+                                          ignore_index, input)
+    positions = logits_shape[:class_dim] + logits_shape[class_dim + 1:]
+    check_token_weight(token_weight, positions, input)
+    needs_reference = (
+        "a gradient for probability targets" if prob_target and target.requires_grad else
+        "a gradient for token_weight" if token_weight is not None and token_weight.requires_grad
+        else None)
+    name = _backends.resolve(LINEAR_CROSS_ENTROPY, backend, input.device, needs_reference)
+
+    x = input.reshape(-1, input.shape[-1])
+    n_classes = linear_weight.shape[0]
+    w = linear_weight.reshape(-1, input.shape[-1])
+    b = linear_bias.reshape(-1) if linear_bias is not None else None
+    chunk_size = chunk_size or default_chunk_size(x.shape[0], x.shape[1], w.shape[0],
+                                                  input.dtype, input.device.type)
+    if name == "reference":
+        loss, lse, entropy = reference.linear_cross_entropy(
+            x, w, b, target, n_classes, weight, ignore_index, reduction, label_smoothing,
+            z_loss, softcap, logit_scale, token_weight, chunk_size, return_entropy)
+    else:
+        acc = acc_dtype(input.dtype)
+        row_weight = token_weight.reshape(-1).to(acc) if token_weight is not None else None
+        if prob_target:
+            target_k = target.reshape(x.shape[0], n_classes, -1).to(input.dtype)
+            counted = row_weight if row_weight is not None else target_k.shape[0] * \
+                target_k.shape[2]
+        else:
+            target_k = target.reshape(-1).long()
+            counted = class_index_weights(target_k,
+                                          weight.to(acc) if weight is not None else None,
+                                          ignore_index, row_weight)
+        grads = torch.is_grad_enabled() and red != 0
+        outs = LINEAR_CROSS_ENTROPY.call(
+            name, input=x, linear_weight=w, linear_bias=b, target=target_k,
+            weight=weight.to(acc).contiguous() if weight is not None else None,
+            row_weight=row_weight, loss_scale=mean_scale(counted, red, acc, input.device),
+            num_classes=n_classes, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            logit_scale=logit_scale, softcap=softcap or 0.0, z_loss=z_loss, reduction=red,
+            compute_entropy=return_entropy, chunk_size=chunk_size,
+            grad_input=grads and input.requires_grad,
+            grad_weight=grads and linear_weight.requires_grad,
+            grad_bias=grads and b is not None and b.requires_grad)
+        loss, lse, entropy = outs[:3]
+        for g in outs[3:]:
+            _library.owned(g)
+        loss = loss.to(input.dtype)
+    if red == 0:
+        loss = loss.view(positions)
+    extras = ([lse.view(positions)] if return_lse else []) + \
+        ([entropy.view(positions)] if return_entropy else [])
+    return (loss, *extras) if extras else loss
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """Drop-in for torch.nn.LinearCrossEntropyLoss: it owns the linear layer as torch's
+    does (same constructor arguments, same state_dict keys: linear.weight, linear.bias,
+    weight), plus fusedloss's extras. forward(input, target, token_weight=None)."""
+
+    def __init__(self, in_features, num_classes, *, out_features=(), bias=False, device=None,
+                 dtype=None, reduction="mean", weight=None, ignore_index=None,
+                 label_smoothing=0.0, options=None, z_loss=0.0, softcap=None, logit_scale=1.0,
+                 return_lse=False, return_entropy=False, chunk_size=None, backend="auto"):
+        super().__init__()
+        _checks.reduction_code(reduction)
+        if weight is not None and tuple(weight.shape) != (num_classes,):
+            raise ValueError(f"weight must have shape ({num_classes},), got "
+                             f"{tuple(weight.shape)}")
+        _checks.number("label_smoothing", label_smoothing, low=0.0, high=1.0)
+        self.register_buffer("weight", weight)
+        self.num_classes = num_classes
+        self.out_features = tuple(out_features)
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.options = options
+        # torch.nn.Linear cannot hold a multi-dimensional weight: it is stored flat, as in
+        # torch's module, and reshaped in forward.
+        self.linear = torch.nn.Linear(in_features, math.prod(self.out_features, start=num_classes),
+                                      bias=bias, device=device, dtype=dtype)
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.logit_scale = logit_scale
+        self.return_lse = return_lse
+        self.return_entropy = return_entropy
+        self.chunk_size = chunk_size
+        self.backend = backend
+
+    def forward(self, input, target, token_weight=None):
+        shape = (self.num_classes, *self.out_features)
+        return linear_cross_entropy(
+            input, self.linear.weight.reshape(*shape, self.linear.in_features), target,
+            linear_bias=self.linear.bias.reshape(shape) if self.linear.bias is not None
+            else None, weight=self.weight, reduction=self.reduction,
+            ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss, softcap=self.softcap, logit_scale=self.logit_scale,
+            token_weight=token_weight, return_lse=self.return_lse,
+            return_entropy=self.return_entropy, chunk_size=self.chunk_size,
+            options=self.options, backend=self.backend)
+
+    def extra_repr(self):
+        return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+                f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
+                f"reduction={self.reduction!r}, backend={self.backend!r}")
