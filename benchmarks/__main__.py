@@ -43,6 +43,8 @@ def parse_args(argv):
     p.add_argument("--ignore-frac", type=float, default=0.0,
                    help="with --shapes: fraction of rows with target ignore_index")
     p.add_argument("--symmetric", action="store_true", help="with --shapes: info_nce both ways")
+    p.add_argument("--hidden", type=int, default=512, metavar="D",
+                   help="with --shapes: the hidden size of linear_cross_entropy (default 512)")
     p.add_argument("--providers", "--backends", nargs="+", action="extend",
                    dest="providers", metavar="NAME",
                    help="providers to run, by name or bare fusedloss backend name "
@@ -124,7 +126,8 @@ def main(argv=None):
         ("quick" if device == "cpu" else "full")
     cases = cases_mod.select_cases(device, suite, args.loss, args.dtype, args.shapes,
                                    label_smoothing=args.label_smoothing,
-                                   ignore_frac=args.ignore_frac, symmetric=args.symmetric)
+                                   ignore_frac=args.ignore_frac, symmetric=args.symmetric,
+                                   d=args.hidden)
     runs, notes = providers_mod.plan(providers_mod.select(args.providers), device, cases)
     repeats = args.repeats or measure.REPEATS[device]
     total = sum(len(able) for _, able in runs)

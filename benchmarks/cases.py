@@ -2,21 +2,24 @@
 
 A case is one loss at one size, dtype and option set. `shape` is (N, C): N rows and C
 classes (the vocabulary V for cross-entropy) for the softmax losses, N anchors by C
-classes for sigmoid focal, and N (query, key) pairs of dimension D = C for InfoNCE.
+classes for sigmoid focal, N (query, key) pairs of dimension D = C for InfoNCE, and N
+tokens against a vocabulary of C for linear_cross_entropy, whose hidden size is `d`.
 """
 import dataclasses
 import itertools
 
 import torch
 
-LOSSES = ("cross_entropy", "focal", "sigmoid_focal", "info_nce")
-ALIASES = {"ce": "cross_entropy", "softmax_focal": "focal", "infonce": "info_nce"}
+LOSSES = ("cross_entropy", "focal", "sigmoid_focal", "info_nce", "linear_cross_entropy")
+ALIASES = {"ce": "cross_entropy", "softmax_focal": "focal", "infonce": "info_nce",
+           "lce": "linear_cross_entropy", "flce": "linear_cross_entropy"}
 IGNORE_INDEX = -100
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 # Axis labels for tables and plots: (what N is, what C is).
 AXES = {"cross_entropy": ("N rows", "V classes"), "focal": ("N rows", "C classes"),
-        "sigmoid_focal": ("N anchors", "C classes"), "info_nce": ("N pairs", "D dim")}
+        "sigmoid_focal": ("N anchors", "C classes"), "info_nce": ("N pairs", "D dim"),
+        "linear_cross_entropy": ("N tokens", "V classes")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,9 +28,10 @@ class Case:
     n: int
     c: int
     dtype: str = "float32"
-    label_smoothing: float = 0.0   # cross_entropy
+    label_smoothing: float = 0.0   # cross_entropy, linear_cross_entropy
     ignore_frac: float = 0.0       # cross_entropy, focal: this fraction of rows is ignored
     symmetric: bool = False        # info_nce: both directions
+    d: int = 0                     # linear_cross_entropy: the hidden size
 
     @property
     def torch_dtype(self):
@@ -36,7 +40,7 @@ class Case:
     @property
     def options(self):
         """The options, short, for tables: 'ls=0.1 ign=25%', 'sym', or ''."""
-        parts = []
+        parts = [f"D={self.d}"] if self.d else []
         if self.label_smoothing:
             parts.append(f"ls={self.label_smoothing:g}")
         if self.ignore_frac:
@@ -47,7 +51,7 @@ class Case:
 
     def loss_kwargs(self):
         """Keyword arguments of the fusedloss call; the eager baselines read the same."""
-        if self.loss == "cross_entropy":
+        if self.loss in ("cross_entropy", "linear_cross_entropy"):
             return {"label_smoothing": self.label_smoothing, "ignore_index": IGNORE_INDEX}
         if self.loss == "focal":
             return {"gamma": 2.0, "ignore_index": IGNORE_INDEX}
@@ -59,6 +63,10 @@ class Case:
         """The loss's positional tensor arguments; the floating ones require grad."""
         gen = torch.Generator(device=device).manual_seed(0)
         n, c, dtype = self.n, self.c, self.torch_dtype
+        if self.loss == "linear_cross_entropy":
+            x = torch.randn(n, self.d, device=device, generator=gen).to(dtype)
+            w = (torch.randn(c, self.d, device=device, generator=gen) / self.d ** 0.5).to(dtype)
+            return x.requires_grad_(), w.requires_grad_(), self._class_targets(device, gen)
         if self.loss == "info_nce":
             q, k = (torch.nn.functional.normalize(
                 torch.randn(n, c, device=device, generator=gen), dim=1).to(dtype)
@@ -68,15 +76,22 @@ class Case:
         if self.loss == "sigmoid_focal":
             target = (torch.rand(n, c, device=device, generator=gen) < 0.05).to(dtype)
             return x, target
-        target = torch.randint(0, c, (n,), device=device, generator=gen)
+        return x, self._class_targets(device, gen)
+
+    def _class_targets(self, device, gen):
+        """Class indices with a fraction ignore_frac of the rows set to ignore_index."""
+        n = self.n
+        target = torch.randint(0, self.c, (n,), device=device, generator=gen)
         ignored = torch.randperm(n, device=device, generator=gen)[:round(self.ignore_frac * n)]
         target[ignored] = IGNORE_INDEX
-        return x, target
+        return target
 
     def min_bytes(self):
         """Bytes fwd+bwd must move at the least: every input read once, every gradient
         written once (for the softmax losses: the logits, their gradient, the targets)."""
         s = self.torch_dtype.itemsize
+        if self.loss == "linear_cross_entropy":  # read x, W; write their gradients
+            return 2 * (self.n + self.c) * self.d * s + 8 * self.n
         if self.loss == "info_nce":
             return 2 * 2 * self.n * self.c * s      # read q, k; write dq, dk
         if self.loss == "sigmoid_focal":
@@ -84,7 +99,10 @@ class Case:
         return 2 * self.n * self.c * s + 8 * self.n  # read x, write dx, read int64 targets
 
     def flops(self):
-        """Matmul FLOPs of fwd+bwd for InfoNCE (logits, dq, dk: 3 x 2 N^2 D), else 0."""
+        """Matmul FLOPs of fwd+bwd: InfoNCE (logits, dq, dk: 3 x 2 N^2 D), linear
+        cross-entropy (logits, dx, dW: 3 x 2 N D V); 0 for the rest."""
+        if self.loss == "linear_cross_entropy":
+            return 6 * self.n * self.d * self.c
         return 6 * self.n * self.n * self.c if self.loss == "info_nce" else 0
 
 
@@ -104,6 +122,12 @@ SUITES = {
         Case("sigmoid_focal", 65536, 80),
         *_grid("info_nce", [2048], [512], ["float32"], symmetric=False),
         *_grid("info_nce", [2048], [512], ["float32"], symmetric=True),
+        # bf16 against fp32 on the CPU row kernel, and the fused LM head: the target case
+        # with and without label smoothing (torch's chunked path cannot smooth).
+        *_grid("cross_entropy", [8192], [32000], ["float32", "bfloat16"]),
+        Case("linear_cross_entropy", 4096, 32000, d=512, ignore_frac=1 / 7),
+        Case("linear_cross_entropy", 4096, 32000, d=512, label_smoothing=0.1,
+             ignore_frac=1 / 7),
     ],
     ("cpu", "full"): [
         *_grid("cross_entropy", [1024], [8192, 16384, 32000, 65536, 128256], ["float32"]),
@@ -114,6 +138,9 @@ SUITES = {
         *_grid("sigmoid_focal", [16384, 65536, 262144], [80], ["float32"]),
         *_grid("info_nce", [1024, 2048, 4096, 8192], [512], ["float32"], symmetric=True),
         Case("info_nce", 4096, 512),
+        *_grid("linear_cross_entropy", [4096], [8192, 16384, 32000], ["float32"], d=512,
+               ignore_frac=1 / 7),
+        *_grid("linear_cross_entropy", [8192], [32000], ["float32", "bfloat16"], d=1024),
     ],
     ("cuda", "quick"): [
         *_grid("cross_entropy", [4096], [32000, 128256, 256000], ["bfloat16"]),
@@ -122,6 +149,7 @@ SUITES = {
         Case("focal", 4096, 32000, "bfloat16"),
         Case("sigmoid_focal", 262144, 80, "bfloat16"),
         *_grid("info_nce", [16384, 65536], [512], ["bfloat16"], symmetric=True),
+        Case("linear_cross_entropy", 16384, 128256, "bfloat16", d=4096),
     ],
     ("cuda", "full"): [
         *_grid("cross_entropy", [4096], [32000, 50257, 128256, 151936, 256000],
@@ -137,6 +165,9 @@ SUITES = {
         *_grid("info_nce", [4096, 16384, 65536, 131072], [512], ["bfloat16"]),
         *_grid("info_nce", [4096, 16384, 65536, 131072], [512], ["bfloat16"], symmetric=True),
         *_grid("info_nce", [16384, 65536], [1024], ["bfloat16"], symmetric=True),
+        *_grid("linear_cross_entropy", [4096, 8192, 16384], [128256], ["bfloat16"], d=4096),
+        Case("linear_cross_entropy", 16384, 128256, "bfloat16", d=4096, label_smoothing=0.1,
+             ignore_frac=0.25),
     ],
 }
 
@@ -169,7 +200,8 @@ def select_cases(device_type, suite, losses=None, dtypes=None, shapes=None, **op
 
 
 OPTIONS_OF = {"cross_entropy": ("label_smoothing", "ignore_frac"), "focal": ("ignore_frac",),
-              "sigmoid_focal": (), "info_nce": ("symmetric",)}
+              "sigmoid_focal": (), "info_nce": ("symmetric",),
+              "linear_cross_entropy": ("label_smoothing", "ignore_frac", "d")}
 
 
 def _canonical(name, aliases, names, what):

@@ -17,9 +17,12 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .cases import IGNORE_INDEX
+
 
 FUSEDLOSS_FUNCTIONS = {"cross_entropy": "cross_entropy", "focal": "focal_loss",
-                       "sigmoid_focal": "sigmoid_focal_loss", "info_nce": "info_nce"}
+                       "sigmoid_focal": "sigmoid_focal_loss", "info_nce": "info_nce",
+                       "linear_cross_entropy": "linear_cross_entropy"}
 
 
 # ---------------------------------------------------------------- eager PyTorch baselines
@@ -50,13 +53,18 @@ def info_nce_torch(query, key, temperature, symmetric):
     return (loss + F.cross_entropy(logits.T, labels)) / 2 if symmetric else loss
 
 
+def linear_cross_entropy_torch(x, w, target, **kwargs):
+    """The LM head and its loss as eager PyTorch composes them: the whole logits."""
+    return F.cross_entropy(F.linear(x, w), target, **kwargs)
+
+
 def _eager(case):
     kwargs = case.loss_kwargs()
     if case.loss == "cross_entropy":
         return torch.nn.CrossEntropyLoss(**kwargs)
     fn = {"focal": focal_torch, "sigmoid_focal": sigmoid_focal_torch,
-          "info_nce": info_nce_torch}[case.loss]
-    return functools.partial(fn, **kwargs)
+          "info_nce": info_nce_torch, "linear_cross_entropy": linear_cross_entropy_torch}
+    return functools.partial(fn[case.loss], **kwargs)
 
 
 def _compiled(case):
@@ -87,8 +95,29 @@ def _fusedloss_inplace_unavailable(backend, device_type, case):
     return _fusedloss_unavailable(backend, device_type, case)
 
 
+# ---------------------------------------------------------------- torch's fused LM head
+def _torch_lce(chunked, case):
+    options = torch.nn.LinearCrossEntropyOptions() if chunked else None
+    return functools.partial(F.linear_cross_entropy, options=options, **case.loss_kwargs())
+
+
+def _torch_lce_unavailable(chunked, device_type, case):
+    if case.loss != "linear_cross_entropy":
+        return "torch's F.linear_cross_entropy is the linear + cross-entropy case only"
+    if not hasattr(F, "linear_cross_entropy"):
+        return f"this torch ({torch.__version__}) has no F.linear_cross_entropy"
+    if chunked and case.label_smoothing:
+        return ("torch's chunked path refuses label smoothing (it falls back to the "
+                "reference path with a warning)")
+    return None
+
+
 # ---------------------------------------------------------------- peer libraries
 def _liger(case):
+    if case.loss == "linear_cross_entropy":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        loss = LigerFusedLinearCrossEntropyLoss(**case.loss_kwargs())
+        return lambda x, w, target: loss(w, x, target)
     from liger_kernel.transformers import LigerCrossEntropyLoss
     return LigerCrossEntropyLoss(**case.loss_kwargs(), reduction="mean")
 
@@ -98,17 +127,27 @@ def _liger_unavailable(device_type, case):
         return "liger-kernel is not installed (pip install liger-kernel)"
     if device_type != "cuda":
         return "liger-kernel runs on CUDA only"
-    if case.loss != "cross_entropy":
-        return f"liger-kernel has no {case.loss} loss on logits"
+    if case.loss not in ("cross_entropy", "linear_cross_entropy"):
+        return f"liger-kernel has no {case.loss} loss"
     return None
+
+
+def _cce(case):
+    from cut_cross_entropy import linear_cross_entropy
+    return lambda x, w, target: linear_cross_entropy(x, w, target, ignore_index=IGNORE_INDEX)
 
 
 def _cce_unavailable(device_type, case):
     if importlib.util.find_spec("cut_cross_entropy") is None:
         return "cut-cross-entropy is not installed (pip install cut-cross-entropy)"
+    if device_type != "cuda":
+        return "cut-cross-entropy runs on CUDA only"
     # CCE never materialises the logits: it takes hidden states and the classifier weight.
-    return ("cut-cross-entropy fuses the classifier matmul into the loss (hidden states and "
-            "weight in, no logits); no case here has that form yet")
+    if case.loss != "linear_cross_entropy":
+        return "cut-cross-entropy fuses the classifier matmul: the linear case only"
+    if case.label_smoothing:
+        return "cut-cross-entropy has no label smoothing"
+    return None
 
 
 def _always(device_type, case):
@@ -136,8 +175,13 @@ PROVIDERS = [
       for b in ("cpu", "cuda", "triton")],
     Provider("torch", _eager),
     Provider("torch.compile", _compiled),
+    # torch 2.14's F.linear_cross_entropy: its reference path and its chunked path.
+    Provider("torch-lce", functools.partial(_torch_lce, False),
+             functools.partial(_torch_lce_unavailable, False)),
+    Provider("torch-lce-chunked", functools.partial(_torch_lce, True),
+             functools.partial(_torch_lce_unavailable, True)),
     Provider("liger", _liger, _liger_unavailable),
-    Provider("cut-cross-entropy", None, _cce_unavailable),
+    Provider("cut-cross-entropy", _cce, _cce_unavailable),
 ]
 BASELINE = "torch"
 ALIASES = {"eager": "torch", "compile": "torch.compile", "cce": "cut-cross-entropy",

@@ -13,7 +13,8 @@ from .providers import BASELINE
 
 META = ["timestamp", "device", "device_name", "threads", "torch_version", "triton_version",
         "fusedloss_version", "git_commit"]
-CASE = ["loss", "n", "c", "dtype", "label_smoothing", "ignore_frac", "symmetric", "options"]
+CASE = ["loss", "n", "c", "dtype", "label_smoothing", "ignore_frac", "symmetric", "d",
+        "options"]
 TIMES = [f"{step}_ms{q}" for step in ("fwd", "bwd", "fwdbwd") for q in ("", "_p20", "_p80")]
 COLUMNS = [*META, *CASE, "provider", "status", *TIMES, "peak_mem_mib", "min_bytes", "gbps",
            "copy_gbps", "bw_frac", "flops", "tflops", "speedup", "mem_ratio", "repeats", "note"]

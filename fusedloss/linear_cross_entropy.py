@@ -30,41 +30,67 @@ from ._library import Op, acc_dtype
 from .cross_entropy import (CROSS_ENTROPY, CROSS_ENTROPY_INPLACE, check_target_and_weight,
                             check_token_weight, class_index_weights, mean_scale)
 
-# Bytes of one chunk of logits (which also holds its gradient). On a CPU the chunk stays
-# small enough for the caches and the allocator; on a GPU it only has to keep the matmuls
+# Bytes of one chunk of logits (which also holds its gradient). On a CPU, 15 MiB keeps the
+# memory beyond the gradients at or below torch's chunked path (which picks 128 rows for
+# N=4096, D=512, V=32000 float32) while the matmuls stay within a few % of their speed
+# at twice the chunk; fewer rows cost more: each chunk's grad_weight update reads and
+# writes the whole V x D accumulator. On a GPU the chunk only has to keep the matmuls
 # large.
-CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 1 << 30}
+CHUNK_BYTES = {"cpu": 15 << 20, "cuda": 1 << 30}
 
 
 def default_chunk_size(n_rows, n_features, n_logits, dtype, device_type):
-    """Rows per chunk: as many as fit CHUNK_BYTES of logits (at least 16, a multiple of 16
+    """Rows per chunk: as many as fit CHUNK_BYTES of logits (at least 16, a multiple of 8
     when smaller than N, so that the matmuls stay efficient)."""
     per_row = n_logits * max(dtype.itemsize, 4 if device_type == "cpu" else 0)
     rows = CHUNK_BYTES.get(device_type, CHUNK_BYTES["cuda"]) // max(per_row, 1)
-    rows = max(16, rows // 16 * 16)
+    rows = max(16, rows // 8 * 8)
     return max(1, min(n_rows, rows))
 
 
 # ------------------------------------------------------------------------------ the op
+def _n_rows(a):
+    """Rows of the row kernel: one per (input row, position of a K-dimensional loss)."""
+    return a.input.shape[0] * (a.linear_weight.shape[0] // a.num_classes)
+
+
 def _outputs(a):
     x, w = a.input, a.linear_weight
-    acc = acc_dtype(x.dtype)
-    rows = x.shape[0] * (w.shape[0] // a.num_classes)
+    acc, rows = acc_dtype(x.dtype), _n_rows(a)
     new = lambda shape, like=x, dtype=None: like.new_empty(shape, dtype=dtype)  # noqa: E731
-    return (new((rows,) if a.reduction == 0 else (), dtype=acc), new((rows,), dtype=acc),
+    return (new((rows,) if a.reduction == 0 else (), dtype=acc),
+            new((rows,) if a.compute_lse else (0,), dtype=acc),
             new((rows,) if a.compute_entropy else (0,), dtype=acc),
             new(x.shape if a.grad_input else (0,)), new(w.shape if a.grad_weight else (0,), w),
             new((w.shape[0],) if a.grad_bias and a.linear_bias is not None else (0,), w))
 
 
-def _add_product(acc, a, b):
-    """acc += a @ b, with acc in float32 when a and b are half: one matmul into it on CUDA,
-    a float32 matmul of upcast operands elsewhere (an O(chunk x V) copy)."""
+def _row_chunks(a, n, positions):
+    """The input rows to run, chunk by chunk: slices of all of them, or, on CPU tensors
+    without lse or entropy to return, index tensors of the rows with a counted target only.
+    The others have a loss and a gradient of exactly 0 and need no logits (reading the
+    targets costs no synchronisation on the CPU; on a GPU it would, so all rows run)."""
+    step = a.chunk_size
+    if (a.input.device.type == "cpu" and not a.target.is_floating_point()
+            and not a.compute_lse and not a.compute_entropy and n > 0):
+        counted = (a.target.view(n, positions) != a.ignore_index).any(1)
+        if not bool(counted.all()):
+            keep = counted.nonzero().view(-1)
+            return [keep[i:i + step] for i in range(0, keep.numel(), step)], True
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)], False
+
+
+def _add_product(acc, a, b, scratch, first):
+    """acc += a @ b (acc = a @ b for the first chunk: no zero-filled accumulator), with acc
+    in float32 when a and b are half: one matmul into it on CUDA, elsewhere a float32
+    matmul of `a` upcast into `scratch` (an O(chunk x V) buffer)."""
+    beta = 0 if first else 1
     if acc.dtype == a.dtype:
-        return acc.addmm_(a, b)
+        return torch.addmm(acc, a, b, beta=beta, out=acc)
     if a.is_cuda and hasattr(torch.ops.aten.addmm, "dtype_out"):
-        return torch.ops.aten.addmm.dtype_out(acc, a, b, acc.dtype, out=acc)
-    return acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+        return torch.ops.aten.addmm.dtype_out(acc, a, b, acc.dtype, beta=beta, out=acc)
+    up = scratch[:a.numel()].view(a.shape[1], a.shape[0]).t().copy_(a)
+    return torch.addmm(acc, up, b.to(acc.dtype), beta=beta, out=acc)
 
 
 def _run(a, ns):
@@ -72,24 +98,42 @@ def _run(a, ns):
     x, w, b = a.input, a.linear_weight, a.linear_bias
     (n, d), v = x.shape, w.shape[0]
     classes, positions = a.num_classes, v // a.num_classes
-    acc = acc_dtype(x.dtype)
     loss, lse, entropy, grad_x, grad_w, grad_b = _outputs(a)
-    rows = loss if a.reduction == 0 else lse.new_empty(lse.shape)
+    rows = loss if a.reduction == 0 else loss.new_empty(_n_rows(a))
     want = (a.grad_input, a.grad_weight, a.grad_bias and b is not None)
-    # Gradient accumulators: float32 for half weights (the matmul's own accumulation).
-    grad_w_acc = torch.zeros((v, d), dtype=acc_dtype(w.dtype), device=w.device) \
+    # Gradient accumulators: the outputs themselves, or float32 ones for half weights.
+    acc = acc_dtype(w.dtype)
+    grad_w_acc = (grad_w if acc == w.dtype else grad_w.new_empty((v, d), dtype=acc)) \
         if want[1] else None
-    grad_b_acc = torch.zeros(v, dtype=acc_dtype(w.dtype), device=w.device) if want[2] else None
+    grad_b_acc = (grad_b if acc == w.dtype else grad_b.new_empty(v, dtype=acc)) \
+        if want[2] else None
+    chunks, gathered = _row_chunks(a, n, positions)
+    if gathered:  # the rows left out are exactly 0
+        rows.zero_()
+        if want[0]:
+            grad_x.zero_()
+    if not chunks:  # no rows: zero gradients
+        for g in (grad_w_acc, grad_b_acc):
+            if g is not None:
+                g.zero_()
+    # One buffer for every chunk's logits (and then their gradient): a new one per chunk
+    # would pay its first-touch page faults each time on a CPU.
+    buf = x.new_empty((min(n, a.chunk_size), v))
+    scratch = torch.empty(buf.numel(), dtype=torch.float32, device=x.device) \
+        if want[1] and grad_w_acc.dtype != w.dtype and not x.is_cuda else None
     prob_target = a.target.is_floating_point()
-    for i0 in range(0, n, a.chunk_size):
-        i1 = min(n, i0 + a.chunk_size)
-        r0, r1 = i0 * positions, i1 * positions
-        xc = x[i0:i1]
-        logits = torch.mm(xc, w.t()) if b is None else torch.addmm(b, xc, w.t())
+    per_row = lambda t: t.view(n, positions) if t is not None else None  # noqa: E731
+    target, row_weight = a.target if prob_target else per_row(a.target), per_row(a.row_weight)
+    # Gathered rows are copied into one buffer, which then takes their grad_input.
+    xbuf = x.new_empty((min(n, a.chunk_size), d)) if gathered else None
+    for i, sel in enumerate(chunks):
+        xc = torch.index_select(x, 0, sel, out=xbuf[:sel.numel()]) if gathered else x[sel]
+        logits = buf[:xc.shape[0]]
+        torch.mm(xc, w.t(), out=logits) if b is None else torch.addmm(b, xc, w.t(), out=logits)
         kwargs = dict(
-            x=logits.view(i1 - i0, classes, positions),
-            target=a.target[i0:i1] if prob_target else a.target[r0:r1], weight=a.weight,
-            row_weight=a.row_weight[r0:r1] if a.row_weight is not None else None,
+            x=logits.view(-1, classes, positions),
+            target=target[sel] if prob_target else target[sel].reshape(-1), weight=a.weight,
+            row_weight=row_weight[sel].reshape(-1) if row_weight is not None else None,
             loss_scale=a.loss_scale, ignore_index=a.ignore_index,
             label_smoothing=a.label_smoothing, logit_scale=a.logit_scale, softcap=a.softcap,
             z_loss=a.z_loss, reduction=0, compute_entropy=a.compute_entropy)
@@ -97,21 +141,29 @@ def _run(a, ns):
             out = CROSS_ENTROPY_INPLACE.call(ns, **kwargs)
         else:
             out = CROSS_ENTROPY.call(ns, compute_grad=False, **kwargs)[:3]
-        rows[r0:r1], lse[r0:r1] = out[0], out[1]
+        rows.view(n, positions)[sel] = out[0].view(-1, positions)
+        if a.compute_lse:
+            lse.view(n, positions)[sel] = out[1].view(-1, positions)
         if a.compute_entropy:
-            entropy[r0:r1] = out[2]
+            entropy.view(n, positions)[sel] = out[2].view(-1, positions)
         g = logits  # (chunk, V): now d loss / d logits
-        if want[0]:
-            torch.mm(g, w, out=grad_x[i0:i1])
         if want[1]:
-            _add_product(grad_w_acc, g.t(), xc)
+            _add_product(grad_w_acc, g.t(), xc, scratch, first=i == 0)
         if want[2]:
-            grad_b_acc += g.sum(0, dtype=grad_b_acc.dtype)
+            if i == 0:
+                torch.sum(g, 0, dtype=acc, out=grad_b_acc)
+            else:
+                grad_b_acc += g.sum(0, dtype=acc)
+        if want[0]:  # last: a gathered chunk's rows of x are no longer needed
+            if gathered:
+                grad_x.index_copy_(0, sel, torch.mm(g, w, out=xc))
+            else:
+                torch.mm(g, w, out=grad_x[sel])
     if a.reduction != 0:
         loss.copy_(rows.sum() * a.loss_scale)
-    if want[1]:
+    if want[1] and grad_w_acc is not grad_w:
         grad_w.copy_(grad_w_acc)
-    if want[2]:
+    if want[2] and grad_b_acc is not grad_b:
         grad_b.copy_(grad_b_acc)
     return loss, lse, entropy, grad_x, grad_w, grad_b
 
@@ -127,7 +179,7 @@ def _setup_context(ctx, a, outputs):
     # Gradients computed in the forward (reduced losses): the backward only scales them
     # (in place where the graph owns them, see fusedloss._library.SavedGradient).
     ctx.grads = {name: g for name, g in zip(_GRADS, outputs[3:]) if g.numel() > 0}
-    ctx.n_rows = outputs[1].shape[0]
+    ctx.n_rows = _n_rows(a)
 
 
 def _backward(ctx, grad_loss, *unused):
@@ -155,7 +207,8 @@ def _backward(ctx, grad_loss, *unused):
         row_weight = row_weight * a.row_weight
     outs = LINEAR_CROSS_ENTROPY.call(
         ctx.fusedloss_backend, **{**vars(a), "row_weight": row_weight.contiguous(),
-                                  "compute_entropy": False, "grad_input": "input" in needed,
+                                  "compute_entropy": False, "compute_lse": False,
+                                  "grad_input": "input" in needed,
                                   "grad_weight": "linear_weight" in needed,
                                   "grad_bias": "linear_bias" in needed})
     return {name: g for name, g in zip(_GRADS, outs[3:]) if name in needed}
@@ -179,7 +232,7 @@ LINEAR_CROSS_ENTROPY = Op(
     "(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, Tensor? weight, "
     "Tensor? row_weight, Tensor loss_scale, int num_classes, int ignore_index, "
     "float label_smoothing, float logit_scale, float softcap, float z_loss, int reduction, "
-    "bool compute_entropy, int chunk_size, bool grad_input, bool grad_weight, bool grad_bias) "
+    "bool compute_lse, bool compute_entropy, int chunk_size, bool grad_input, bool grad_weight, bool grad_bias) "
     "-> (Tensor loss, Tensor lse, Tensor entropy, Tensor grad_input, Tensor grad_weight, "
     "Tensor grad_bias)",
     outputs=_outputs, backends=("triton", "cpu", "cuda"), composite=_run,
@@ -314,7 +367,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
             row_weight=row_weight, loss_scale=mean_scale(counted, red, acc, input.device),
             num_classes=n_classes, ignore_index=ignore_index, label_smoothing=label_smoothing,
             logit_scale=logit_scale, softcap=softcap or 0.0, z_loss=z_loss, reduction=red,
-            compute_entropy=return_entropy, chunk_size=chunk_size,
+            compute_lse=return_lse, compute_entropy=return_entropy, chunk_size=chunk_size,
             grad_input=grads and input.requires_grad,
             grad_weight=grads and linear_weight.requires_grad,
             grad_bias=grads and b is not None and b.requires_grad)

@@ -221,8 +221,8 @@ def test_default_chunk_size():
     from fusedloss.linear_cross_entropy import default_chunk_size
     assert default_chunk_size(10, 512, 32000, torch.float32, "cpu") == 10  # fewer rows
     rows = default_chunk_size(100000, 512, 32000, torch.float32, "cpu")
-    assert 16 <= rows < 100000 and rows % 16 == 0
-    assert rows * 32000 * 4 <= 32 << 20  # one chunk of logits within its budget
+    assert 16 <= rows < 100000 and rows % 8 == 0
+    assert rows * 32000 * 4 <= 15 << 20  # one chunk of logits within its budget
 
 
 class TestLinearCrossEntropyContract(LossContract):
@@ -250,7 +250,7 @@ class TestLinearCrossEntropyContract(LossContract):
                       linear_bias=b.requires_grad_(), target=t, weight=None, row_weight=None,
                       loss_scale=torch.tensor(0.1, device=device), num_classes=11,
                       ignore_index=-100, label_smoothing=0.1, logit_scale=1.0, softcap=0.0,
-                      z_loss=0.0, compute_entropy=False, chunk_size=4)
+                      z_loss=0.0, compute_lse=True, compute_entropy=False, chunk_size=4)
         p = torch.softmax(torch.randn(9, 11, 1, device=device), 1)
         return [
             ("linear_cross_entropy", dict(common, reduction=1, grad_input=True,
@@ -258,9 +258,12 @@ class TestLinearCrossEntropyContract(LossContract):
             ("linear_cross_entropy", dict(common, reduction=0, grad_input=False,
                                           grad_weight=False, grad_bias=False,
                                           row_weight=torch.rand(9, device=device),
-                                          compute_entropy=True)),
+                                          compute_lse=False, compute_entropy=True)),
             ("linear_cross_entropy", dict(common, target=p, reduction=2, grad_input=True,
                                           grad_weight=False, grad_bias=True, softcap=4.0)),
+            ("linear_cross_entropy", dict(common, reduction=1, grad_input=True,
+                                          grad_weight=True, grad_bias=False,
+                                          compute_lse=False)),
         ]
 
     def bad_inputs(self, device):

@@ -55,11 +55,12 @@ void rows_contiguous(const RowArgs& a, int64_t r0, int64_t r1) {
   acc_t* entropy_out = static_cast<acc_t*>(a.entropy);
 
   constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
-  // z is read straight from x when the transform is the identity.
-  const bool z_is_x = kSame && !o.transform;
+  // z is read straight from x (converting half types on the fly) when the transform is
+  // the identity; otherwise it is computed once into a scratch row.
+  const bool z_in_scratch = o.transform;
   // e_c goes into the gradient row when that row can hold it exactly.
   const bool e_in_grad = kSame && grad != nullptr;
-  Scratch<acc_t> zbuf(z_is_x ? 0 : C);
+  Scratch<acc_t> zbuf(z_in_scratch ? C : 0);
   Scratch<acc_t> ebuf(grad != nullptr && !e_in_grad ? C : 0);
   const bool smooth_sum = kMode == RowMode::kCrossEntropyClass && o.eps > acc_t(0);
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
@@ -74,14 +75,18 @@ void rows_contiguous(const RowArgs& a, int64_t r0, int64_t r1) {
       t = a.target[r];
       st = math::classify_target(t, a.ignore_index, C);
     }
+    // z_c for c .. c+n-1 (n <= L; missing lanes 0).
+    auto z_at = [&](int64_t c, int64_t n) {
+      if (z_in_scratch) return n == L ? V::loadu(zbuf.p + c) : V::loadu(zbuf.p + c, n);
+      return n == L ? load_acc(xr + c) : load_acc(xr + c, n);
+    };
 
     // Sweep 1: the max (and z into the scratch row when it is not x itself).
-    const acc_t* zr = z_is_x ? reinterpret_cast<const acc_t*>(xr) : zbuf.p;
     V vmax(ninf);
     int64_t c = 0;
-    if (z_is_x) {
-      for (; c + L <= C; c += L) vmax = at::vec::maximum(vmax, V::loadu(zr + c));
-      if (c < C) vmax = at::vec::maximum(vmax, V::set(V(ninf), V::loadu(zr + c, C - c), C - c));
+    if (!z_in_scratch) {
+      for (; c + L <= C; c += L) vmax = at::vec::maximum(vmax, z_at(c, L));
+      if (c < C) vmax = at::vec::maximum(vmax, V::set(V(ninf), z_at(c, C - c), C - c));
     } else {
       for (; c + L <= C; c += L) {
         V z = o.apply(load_acc(xr + c));
@@ -96,7 +101,9 @@ void rows_contiguous(const RowArgs& a, int64_t r0, int64_t r1) {
     }
     const acc_t m = hmax(vmax);
     // Read before sweep 2, which may overwrite x (in place, float32/float64).
-    const acc_t z_t = st == TargetState::kValid ? zr[t] : acc_t(0);
+    const acc_t z_t = st != TargetState::kValid ? acc_t(0)
+                      : z_in_scratch            ? zbuf.p[t]
+                                                : static_cast<acc_t>(xr[t]);
 
     // Sweep 2: e = exp(z - m), s = sum e, side sums of d = m - z (and sum e d for the
     // entropy; 0 where e is, at -inf logits).
@@ -104,7 +111,7 @@ void rows_contiguous(const RowArgs& a, int64_t r0, int64_t r1) {
     V vs(0), vside_d(0), vside_w(0), ved(0);
     const V vm(m);
     auto sweep2 = [&](int64_t c, int64_t n) {
-      V z = n == L ? V::loadu(zr + c) : V::loadu(zr + c, n);
+      V z = z_at(c, n);
       V d = vm - z;
       V e = softmax_exp(z - vm);
       if (n < L) {
