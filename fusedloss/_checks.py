@@ -57,6 +57,12 @@ def integer(name, value):
     return value
 
 
+def same_dtype(name, value, ref, ref_name="input", why="they must match"):
+    if value.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {value.dtype} but {ref_name} has {ref.dtype}; "
+                        f"{why}")
+
+
 def same_device(name, value, ref):
     if value.device != ref.device:
         raise ValueError(f"{name} is on {value.device} but input is on {ref.device}")

@@ -32,6 +32,7 @@ alike). The ops take x as (B, C, S), contiguous: row r = b*S + s holds x[b, :, s
   loss in acc: the rows for reduction "none" (0), else sum_r loss_r * loss_scale.
 """
 import math
+import typing
 
 import torch
 
@@ -152,6 +153,69 @@ class _InplaceCrossEntropy(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------ the loss
+class Options(typing.NamedTuple):
+    reduction: int
+    ignore_index: int
+    label_smoothing: float
+    logit_scale: float
+    softcap: typing.Optional[float]
+    z_loss: float
+    positions: tuple
+    prob_target: bool
+    needs_reference: typing.Optional[str]
+
+
+def check_options(input, target, weight, token_weight, logits_shape, class_dim, reduction,
+                  ignore_index, label_smoothing, logit_scale, softcap, z_loss):
+    """The checks of every cross-entropy argument but the logits themselves (shared with
+    linear_cross_entropy, whose logits exist only as `logits_shape`). Returns the options,
+    normalised, with the reduction code, whether the target holds probabilities, the
+    positions' shape, and why the call needs the reference path (or None)."""
+    _checks.tensor("target", target)
+    ignore_index = _checks.integer("ignore_index", -100 if ignore_index is None else ignore_index)
+    positions = logits_shape[:class_dim] + logits_shape[class_dim + 1:]
+    prob_target = check_target_and_weight(target, weight, logits_shape, class_dim,
+                                          ignore_index, input)
+    check_token_weight(token_weight, positions, input)
+    return Options(
+        _checks.reduction_code(reduction), ignore_index,
+        _checks.number("label_smoothing", label_smoothing, low=0.0, high=1.0),
+        _checks.number("logit_scale", logit_scale, low=0.0, low_open=True),
+        _checks.number("softcap", softcap, low=0.0, low_open=True, allow_none=True),
+        _checks.number("z_loss", z_loss, low=0.0), positions, prob_target,
+        "a gradient for probability targets" if prob_target and target.requires_grad else
+        "a gradient for token_weight" if token_weight is not None and token_weight.requires_grad
+        else None)
+
+
+def kernel_args(o, target_k, weight, token_weight, input):
+    """The cross-entropy op arguments every kernel path shares: the target as the kernels
+    read it (target_k: class indices (rows,) or probabilities), the class and row weights
+    in the accumulation dtype, and the mean's scale."""
+    acc = acc_dtype(input.dtype)
+    row_weight = token_weight.reshape(-1).to(acc) if token_weight is not None else None
+    weight = weight.to(acc).contiguous() if weight is not None else None
+    if o.prob_target:
+        counted = row_weight if row_weight is not None else math.prod(o.positions)
+    else:
+        counted = class_index_weights(target_k, weight, o.ignore_index, row_weight)
+    return dict(target=target_k, weight=weight, row_weight=row_weight,
+                loss_scale=mean_scale(counted, o.reduction, acc, input.device),
+                ignore_index=o.ignore_index, label_smoothing=o.label_smoothing,
+                logit_scale=o.logit_scale, softcap=o.softcap or 0.0, z_loss=o.z_loss,
+                reduction=o.reduction)
+
+
+def with_extras(loss, lse, entropy, o, return_lse, return_entropy):
+    """The loss (per position for reduction "none"), then lse and entropy when asked for,
+    each detached and one per position."""
+    if o.reduction == 0:
+        loss = loss.view(o.positions)
+    extras = ([lse.detach().view(o.positions)] if return_lse else []) + \
+        ([entropy.detach().view(o.positions)] if return_entropy else [])
+    return (loss, *extras) if extras else loss
+
+
 def check_target_and_weight(target, weight, logits_shape, class_dim, ignore_index, input):
     """The target (class indices, or probabilities of the logits' shape) and the class
     weight of logits of `logits_shape`; returns whether the target holds probabilities."""
@@ -163,9 +227,7 @@ def check_target_and_weight(target, weight, logits_shape, class_dim, ignore_inde
         _checks.class_index_target(target, positions, n_classes, ignore_index, input.device)
     if weight is not None:
         _checks.class_vector("weight", weight, n_classes, input)
-        if weight.dtype != input.dtype:
-            raise TypeError(f"weight has dtype {weight.dtype} but input has {input.dtype}; "
-                            "torch requires them to match")
+        _checks.same_dtype("weight", weight, input, why="torch requires them to match")
     return target.is_floating_point()
 
 
@@ -211,49 +273,24 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
 
     Returns the loss, or (loss, lse), (loss, entropy) or (loss, lse, entropy) as asked.
     """
-    red = _checks.reduction_code(reduction)
-    class_dim, n_classes = _checks.class_input(input)
-    _checks.tensor("target", target)
-    label_smoothing = _checks.number("label_smoothing", label_smoothing, low=0.0, high=1.0)
-    logit_scale = _checks.number("logit_scale", logit_scale, low=0.0, low_open=True)
-    softcap = _checks.number("softcap", softcap, low=0.0, low_open=True, allow_none=True)
-    z_loss = _checks.number("z_loss", z_loss, low=0.0)
-    _checks.integer("ignore_index", ignore_index)
-    positions = input.shape[:class_dim] + input.shape[class_dim + 1:]
-    prob_target = check_target_and_weight(target, weight, input.shape, class_dim,
-                                          ignore_index, input)
-    check_token_weight(token_weight, positions, input)
-    needs_reference = (
-        "a gradient for probability targets" if prob_target and target.requires_grad else
-        "a gradient for token_weight" if token_weight is not None and token_weight.requires_grad
-        else None)
-    name = _backends.resolve(CROSS_ENTROPY, backend, input.device, needs_reference)
+    class_dim, _ = _checks.class_input(input)
+    o = check_options(input, target, weight, token_weight, input.shape, class_dim, reduction,
+                      ignore_index, label_smoothing, logit_scale, softcap, z_loss)
+    name = _backends.resolve(CROSS_ENTROPY, backend, input.device, o.needs_reference)
 
     if name == "reference":
-        loss, lse = reference.cross_entropy(input, target, weight, ignore_index, reduction,
-                                            label_smoothing, z_loss, softcap, logit_scale,
-                                            token_weight=token_weight)
-        extras = [lse.detach()] if return_lse else []
-        if return_entropy:
-            extras.append(reference.softmax_entropy(input, logit_scale, softcap).detach())
-        return (loss, *extras) if extras else loss
+        loss, lse = reference.cross_entropy(input, target, weight, o.ignore_index, reduction,
+                                            o.label_smoothing, o.z_loss, o.softcap,
+                                            o.logit_scale, token_weight=token_weight)
+        entropy = reference.softmax_entropy(input, o.logit_scale, o.softcap) \
+            if return_entropy else None
+        return with_extras(loss, lse, entropy, o, return_lse, return_entropy)
 
-    acc = acc_dtype(input.dtype)
     x = as_bcs(input, class_dim)
-    row_weight = token_weight.reshape(-1).to(acc) if token_weight is not None else None
-    if prob_target:
-        target_k = as_bcs(target.to(input.dtype), class_dim)
-        counted = row_weight if row_weight is not None else x.shape[0] * x.shape[2]
-    else:
-        target_k = target.reshape(-1).long()
-        counted = class_index_weights(target_k, weight.to(acc) if weight is not None else None,
-                                      ignore_index, row_weight)
-    kwargs = dict(target=target_k, weight=weight.to(acc).contiguous() if weight is not None
-                  else None, row_weight=row_weight,
-                  loss_scale=mean_scale(counted, red, acc, input.device),
-                  ignore_index=ignore_index, label_smoothing=label_smoothing,
-                  logit_scale=logit_scale, softcap=softcap or 0.0, z_loss=z_loss,
-                  reduction=red, compute_entropy=return_entropy)
+    target_k = as_bcs(target.to(input.dtype), class_dim) if o.prob_target \
+        else target.reshape(-1).long()
+    kwargs = dict(kernel_args(o, target_k, weight, token_weight, input),
+                  compute_entropy=return_entropy)
     compute_grad = input.requires_grad and torch.is_grad_enabled()
     if inplace_backward and compute_grad and not torch.compiler.is_compiling() \
             and not _library.reusable_graph_active():
@@ -262,10 +299,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         loss, lse, entropy, grad = CROSS_ENTROPY.call(name, x=x, compute_grad=compute_grad,
                                                       **kwargs)
         _library.owned(grad)
-    loss = (loss.view(positions) if red == 0 else loss).to(input.dtype)
-    extras = ([lse.view(positions)] if return_lse else []) + \
-        ([entropy.view(positions)] if return_entropy else [])
-    return (loss, *extras) if extras else loss
+    return with_extras(loss.to(input.dtype), lse, entropy, o, return_lse, return_entropy)
 
 
 class CrossEntropyLoss(torch.nn.Module):

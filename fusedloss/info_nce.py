@@ -19,7 +19,7 @@ never store them whole.
 """
 import torch
 
-from . import _backends, _checks, _library, reference
+from . import _backends, _checks, reference
 from ._library import Op, acc_dtype
 
 
@@ -92,8 +92,7 @@ def _check_embeddings(query, key, negatives):
         if value.shape[1] != query.shape[1]:
             raise ValueError(f"{name} has D={value.shape[1]} but query has "
                              f"D={query.shape[1]}; they must match")
-        if value.dtype != query.dtype:
-            raise TypeError(f"{name} has dtype {value.dtype} but query has {query.dtype}")
+        _checks.same_dtype(name, value, query, "query")
         _checks.same_device(name, value, query)
 
 

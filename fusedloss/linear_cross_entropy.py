@@ -27,8 +27,8 @@ import torch
 
 from . import _backends, _checks, _library, reference
 from ._library import Op, acc_dtype
-from .cross_entropy import (CROSS_ENTROPY, CROSS_ENTROPY_INPLACE, check_target_and_weight,
-                            check_token_weight, class_index_weights, mean_scale)
+from .cross_entropy import (CROSS_ENTROPY, CROSS_ENTROPY_INPLACE, check_options, kernel_args,
+                            with_extras)
 
 # Bytes of one chunk of logits (which also holds its gradient). On a CPU, 15 MiB keeps the
 # memory beyond the gradients at or below torch's chunked path (which picks 128 rows for
@@ -256,9 +256,7 @@ def _check_linear(input, linear_weight, linear_bias):
     if linear_weight.shape[-1] != input.shape[-1]:
         raise ValueError(f"linear_weight has in_features={linear_weight.shape[-1]} but input "
                          f"has {input.shape[-1]}")
-    if linear_weight.dtype != input.dtype:
-        raise TypeError(f"linear_weight has dtype {linear_weight.dtype} but input has "
-                        f"{input.dtype}; they must match (as in F.linear)")
+    _checks.same_dtype("linear_weight", linear_weight, input, why="they must match (F.linear)")
     _checks.same_device("linear_weight", linear_weight, input)
     out_features = tuple(linear_weight.shape[1:-1])
     if out_features and input.dim() == 1:
@@ -269,9 +267,7 @@ def _check_linear(input, linear_weight, linear_bias):
         if tuple(linear_bias.shape) != tuple(linear_weight.shape[:-1]):
             raise ValueError(f"linear_bias must have shape {tuple(linear_weight.shape[:-1])}, "
                              f"got {tuple(linear_bias.shape)}")
-        if linear_bias.dtype != input.dtype:
-            raise TypeError(f"linear_bias has dtype {linear_bias.dtype} but input has "
-                            f"{input.dtype}; they must match")
+        _checks.same_dtype("linear_bias", linear_bias, input)
         _checks.same_device("linear_bias", linear_bias, input)
     return (*input.shape[:-1], linear_weight.shape[0], *out_features)
 
@@ -316,27 +312,12 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     Returns the loss, plus lse and entropy (detached, one per position) when asked, as
     fusedloss.cross_entropy does.
     """
-    red = _checks.reduction_code(reduction)
     logits_shape = _check_linear(input, linear_weight, linear_bias)
-    _checks.tensor("target", target)
-    if ignore_index is None:
-        ignore_index = -100
-    _checks.integer("ignore_index", ignore_index)
-    label_smoothing = _checks.number("label_smoothing", label_smoothing, low=0.0, high=1.0)
-    logit_scale = _checks.number("logit_scale", logit_scale, low=0.0, low_open=True)
-    softcap = _checks.number("softcap", softcap, low=0.0, low_open=True, allow_none=True)
-    z_loss = _checks.number("z_loss", z_loss, low=0.0)
+    o = check_options(input, target, weight, token_weight, logits_shape,
+                      0 if input.dim() == 1 else 1, reduction, ignore_index, label_smoothing,
+                      logit_scale, softcap, z_loss)
     chunk_size = _chunk_size(chunk_size, options)
-    class_dim = 0 if input.dim() == 1 else 1
-    prob_target = check_target_and_weight(target, weight, logits_shape, class_dim,
-                                          ignore_index, input)
-    positions = logits_shape[:class_dim] + logits_shape[class_dim + 1:]
-    check_token_weight(token_weight, positions, input)
-    needs_reference = (
-        "a gradient for probability targets" if prob_target and target.requires_grad else
-        "a gradient for token_weight" if token_weight is not None and token_weight.requires_grad
-        else None)
-    name = _backends.resolve(LINEAR_CROSS_ENTROPY, backend, input.device, needs_reference)
+    name = _backends.resolve(LINEAR_CROSS_ENTROPY, backend, input.device, o.needs_reference)
 
     x = input.reshape(-1, input.shape[-1])
     n_classes = linear_weight.shape[0]
@@ -346,40 +327,23 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                                                   input.dtype, input.device.type)
     if name == "reference":
         loss, lse, entropy = reference.linear_cross_entropy(
-            x, w, b, target, n_classes, weight, ignore_index, reduction, label_smoothing,
-            z_loss, softcap, logit_scale, token_weight, chunk_size, return_entropy)
-    else:
-        acc = acc_dtype(input.dtype)
-        row_weight = token_weight.reshape(-1).to(acc) if token_weight is not None else None
-        if prob_target:
-            target_k = target.reshape(x.shape[0], n_classes, -1).to(input.dtype)
-            counted = row_weight if row_weight is not None else target_k.shape[0] * \
-                target_k.shape[2]
-        else:
-            target_k = target.reshape(-1).long()
-            counted = class_index_weights(target_k,
-                                          weight.to(acc) if weight is not None else None,
-                                          ignore_index, row_weight)
-        grads = torch.is_grad_enabled() and red != 0
-        outs = LINEAR_CROSS_ENTROPY.call(
-            name, input=x, linear_weight=w, linear_bias=b, target=target_k,
-            weight=weight.to(acc).contiguous() if weight is not None else None,
-            row_weight=row_weight, loss_scale=mean_scale(counted, red, acc, input.device),
-            num_classes=n_classes, ignore_index=ignore_index, label_smoothing=label_smoothing,
-            logit_scale=logit_scale, softcap=softcap or 0.0, z_loss=z_loss, reduction=red,
-            compute_lse=return_lse, compute_entropy=return_entropy, chunk_size=chunk_size,
-            grad_input=grads and input.requires_grad,
-            grad_weight=grads and linear_weight.requires_grad,
-            grad_bias=grads and b is not None and b.requires_grad)
-        loss, lse, entropy = outs[:3]
-        for g in outs[3:]:
-            _library.owned(g)
-        loss = loss.to(input.dtype)
-    if red == 0:
-        loss = loss.view(positions)
-    extras = ([lse.view(positions)] if return_lse else []) + \
-        ([entropy.view(positions)] if return_entropy else [])
-    return (loss, *extras) if extras else loss
+            x, w, b, target, n_classes, weight, o.ignore_index, reduction, o.label_smoothing,
+            o.z_loss, o.softcap, o.logit_scale, token_weight, chunk_size, return_entropy)
+        return with_extras(loss, lse, entropy, o, return_lse, return_entropy)
+
+    target_k = target.reshape(x.shape[0], n_classes, -1).to(input.dtype) if o.prob_target \
+        else target.reshape(-1).long()
+    grads = torch.is_grad_enabled() and o.reduction != 0
+    loss, lse, entropy, *computed = LINEAR_CROSS_ENTROPY.call(
+        name, input=x, linear_weight=w, linear_bias=b, num_classes=n_classes,
+        compute_lse=return_lse, compute_entropy=return_entropy, chunk_size=chunk_size,
+        grad_input=grads and input.requires_grad,
+        grad_weight=grads and linear_weight.requires_grad,
+        grad_bias=grads and b is not None and b.requires_grad,
+        **kernel_args(o, target_k, weight, token_weight, input))
+    for g in computed:
+        _library.owned(g)
+    return with_extras(loss.to(input.dtype), lse, entropy, o, return_lse, return_entropy)
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):

@@ -34,6 +34,24 @@ namespace CPU_CAPABILITY {
 
 using math::TargetState;
 
+// The typed pointers of a launch: x, the gradient (or nullptr), the probability target,
+// and the per-row outputs (loss, lse, entropy; the last two may be nullptr).
+template <class scalar_t, class tgt_t>
+struct RowData {
+  using acc_t = acc_of<scalar_t>;
+  const scalar_t* x;
+  scalar_t* grad;
+  const tgt_t* tprob;
+  acc_t *loss_rows, *lse, *entropy;
+  explicit RowData(const RowArgs& a)
+      : x(static_cast<const scalar_t*>(a.x)),
+        grad(static_cast<scalar_t*>(a.grad)),
+        tprob(static_cast<const tgt_t*>(a.target_prob)),
+        loss_rows(static_cast<acc_t*>(a.loss_rows)),
+        lse(static_cast<acc_t*>(a.lse)),
+        entropy(static_cast<acc_t*>(a.entropy)) {}
+};
+
 // ---------------------------------------------------------------- S == 1: one row per item
 // Work: rows [r0, r1) of one thread (at::parallel_for hands out contiguous chunks).
 // Sweeps per row: 1 reads x (DRAM), 2 reads x or the z scratch (cache) and writes e,
@@ -47,12 +65,7 @@ void rows_contiguous(const RowArgs& a, int64_t r0, int64_t r1) {
   constexpr int64_t L = V::size();
   const RowOptions<acc_t> o(a);
   const int64_t C = a.C;
-  const scalar_t* x = static_cast<const scalar_t*>(a.x);
-  scalar_t* grad = static_cast<scalar_t*>(a.grad);
-  const tgt_t* tprob = static_cast<const tgt_t*>(a.target_prob);
-  acc_t* loss_rows = static_cast<acc_t*>(a.loss_rows);
-  acc_t* lse_out = static_cast<acc_t*>(a.lse);
-  acc_t* entropy_out = static_cast<acc_t*>(a.entropy);
+  const auto [x, grad, tprob, loss_rows, lse_out, entropy_out] = RowData<scalar_t, tgt_t>(a);
 
   constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
   // z is read straight from x (converting half types on the fly) when the transform is
@@ -193,12 +206,7 @@ void rows_strided(const RowArgs& a, int64_t i0, int64_t i1) {
   const RowOptions<acc_t> o(a);
   const int64_t C = a.C, S = a.S;
   const int64_t tiles_per_b = (S + L - 1) / L;
-  const scalar_t* x = static_cast<const scalar_t*>(a.x);
-  scalar_t* grad = static_cast<scalar_t*>(a.grad);
-  const tgt_t* tprob = static_cast<const tgt_t*>(a.target_prob);
-  acc_t* loss_rows = static_cast<acc_t*>(a.loss_rows);
-  acc_t* lse_out = static_cast<acc_t*>(a.lse);
-  acc_t* entropy_out = static_cast<acc_t*>(a.entropy);
+  const auto [x, grad, tprob, loss_rows, lse_out, entropy_out] = RowData<scalar_t, tgt_t>(a);
   const bool smooth_sum = kMode == RowMode::kCrossEntropyClass && o.eps > acc_t(0);
 
   for (int64_t item = i0; item < i1; ++item) {
