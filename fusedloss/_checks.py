@@ -69,9 +69,10 @@ def same_device(name, value, ref):
 
 
 def class_vector(name, value, n_classes, input):
-    """A (C,) floating tensor on input's device (weight, per-class alpha)."""
+    """A (C,) floating tensor on input's device (weight, per-class alpha); n_classes None:
+    any C (the caller checks it)."""
     floating(name, value)
-    if value.dim() != 1 or value.shape[0] != n_classes:
+    if value.dim() != 1 or (n_classes is not None and value.shape[0] != n_classes):
         raise ValueError(f"{name} must have shape ({n_classes},), one entry per class, got "
                          f"{tuple(value.shape)}")
     same_device(name, value, input)
@@ -109,7 +110,7 @@ def class_index_target(target, positions, n_classes, ignore_index, device):
                          f"indices of shape {tuple(positions)}")
     if target.device != device:
         raise ValueError(f"target is on {target.device} but input is on {device}")
-    if data_checks(target):
+    if n_classes is not None and data_checks(target):  # None: only the caller knows C
         bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
         if bool(bad.any()):
             value = int(target[bad].flatten()[0])

@@ -166,16 +166,20 @@ class Options(typing.NamedTuple):
 
 
 def check_options(input, target, weight, token_weight, logits_shape, class_dim, reduction,
-                  ignore_index, label_smoothing, logit_scale, softcap, z_loss):
+                  ignore_index, label_smoothing, logit_scale, softcap, z_loss,
+                  vocab_parallel=False):
     """The checks of every cross-entropy argument but the logits themselves (shared with
     linear_cross_entropy, whose logits exist only as `logits_shape`). Returns the options,
     normalised, with the reduction code, whether the target holds probabilities, the
-    positions' shape, and why the call needs the reference path (or None)."""
+    positions' shape, and why the call needs the reference path (or None).
+    vocab_parallel: the logits hold this rank's slice of the classes, so class indices
+    and the class weight are global (fusedloss.distributed checks them against all the
+    ranks' classes)."""
     _checks.tensor("target", target)
     ignore_index = _checks.integer("ignore_index", -100 if ignore_index is None else ignore_index)
     positions = logits_shape[:class_dim] + logits_shape[class_dim + 1:]
     prob_target = check_target_and_weight(target, weight, logits_shape, class_dim,
-                                          ignore_index, input)
+                                          ignore_index, input, vocab_parallel)
     check_token_weight(token_weight, positions, input)
     return Options(
         _checks.reduction_code(reduction), ignore_index,
@@ -198,7 +202,9 @@ def kernel_args(o, target_k, weight, token_weight, input):
     if o.prob_target:
         counted = row_weight if row_weight is not None else math.prod(o.positions)
     else:
-        counted = class_index_weights(target_k, weight, o.ignore_index, row_weight)
+        counted = class_index_weights(target_k, weight, o.ignore_index,
+                                      row_weight.view(target_k.shape)
+                                      if row_weight is not None else None)
     return dict(target=target_k, weight=weight, row_weight=row_weight,
                 loss_scale=mean_scale(counted, o.reduction, acc, input.device),
                 ignore_index=o.ignore_index, label_smoothing=o.label_smoothing,
@@ -216,10 +222,11 @@ def with_extras(loss, lse, entropy, o, return_lse, return_entropy):
     return (loss, *extras) if extras else loss
 
 
-def check_target_and_weight(target, weight, logits_shape, class_dim, ignore_index, input):
+def check_target_and_weight(target, weight, logits_shape, class_dim, ignore_index, input,
+                            vocab_parallel=False):
     """The target (class indices, or probabilities of the logits' shape) and the class
     weight of logits of `logits_shape`; returns whether the target holds probabilities."""
-    n_classes = logits_shape[class_dim]
+    n_classes = None if vocab_parallel else logits_shape[class_dim]
     if target.is_floating_point():
         _checks.probability_target(target, logits_shape, ignore_index, input.device)
     else:
@@ -246,7 +253,7 @@ def check_token_weight(token_weight, positions, input):
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
                   label_smoothing=0.0, *, z_loss=0.0, softcap=None, logit_scale=1.0,
                   token_weight=None, return_lse=False, return_entropy=False,
-                  inplace_backward=False, backend="auto"):
+                  inplace_backward=False, process_group=None, backend="auto"):
     """Softmax cross-entropy with the semantics of torch.nn.functional.cross_entropy.
 
     input: (C), (N, C) or (N, C, d1, ..., dK) logits. target: class indices (int64) of
@@ -269,13 +276,25 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
       inplace_backward  write the gradient over `input`'s buffer (kernel backends, eager
                    mode): the logits are overwritten by the forward, so use it only when
                    nothing else needs them; misuse raises through autograd's version check.
+      process_group  vocab-parallel cross-entropy over a torch.distributed group: `input`'s
+                   class dimension holds this rank's contiguous slice of the classes, in
+                   rank order (slices may differ in size); target (global class indices,
+                   or this slice's probabilities), weight (all the classes') and the rest
+                   keep their meaning. Every rank returns the same loss, and the gradient of
+                   its slice; per row only a few numbers cross ranks. See
+                   fusedloss.distributed (it runs torch ops, so backend must be "auto" or
+                   "reference"; no inplace_backward, no higher-order gradients).
       backend      "auto", "reference", "triton", "cuda" or "cpu".
 
     Returns the loss, or (loss, lse), (loss, entropy) or (loss, lse, entropy) as asked.
     """
     class_dim, _ = _checks.class_input(input)
     o = check_options(input, target, weight, token_weight, input.shape, class_dim, reduction,
-                      ignore_index, label_smoothing, logit_scale, softcap, z_loss)
+                      ignore_index, label_smoothing, logit_scale, softcap, z_loss,
+                      vocab_parallel=process_group is not None)
+    if process_group is not None:
+        return _vocab_parallel(input, target, weight, token_weight, class_dim, o, return_lse,
+                               return_entropy, inplace_backward, backend, process_group)
     name = _backends.resolve(CROSS_ENTROPY, backend, input.device, o.needs_reference)
 
     if name == "reference":
@@ -299,6 +318,30 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         loss, lse, entropy, grad = CROSS_ENTROPY.call(name, x=x, compute_grad=compute_grad,
                                                       **kwargs)
         _library.owned(grad)
+    return with_extras(loss.to(input.dtype), lse, entropy, o, return_lse, return_entropy)
+
+
+def check_process_group_backend(backend, what):
+    if backend not in ("auto", "reference"):
+        raise ValueError(f"fusedloss.{what}: with a process_group the loss runs torch ops and "
+                         f"the group's collectives (fusedloss.distributed), so backend must be "
+                         f"'auto' or 'reference', got {backend!r}")
+
+
+def _vocab_parallel(input, target, weight, token_weight, class_dim, o, return_lse,
+                    return_entropy, inplace_backward, backend, group):
+    from . import distributed
+    check_process_group_backend(backend, "cross_entropy")
+    if inplace_backward:
+        raise ValueError("inplace_backward is not available with a process_group")
+    if o.needs_reference:
+        raise ValueError(f"{o.needs_reference} is not available with a process_group")
+    x = as_bcs(input, class_dim)
+    target_k = as_bcs(target.to(input.dtype), class_dim) if o.prob_target \
+        else target.reshape(x.shape[0], x.shape[2]).long()
+    k = kernel_args(o, target_k, weight, token_weight, input)
+    loss, lse, entropy = distributed.cross_entropy(x, target_k, weight, k["row_weight"],
+                                                   k["loss_scale"], o, return_entropy, group)
     return with_extras(loss.to(input.dtype), lse, entropy, o, return_lse, return_entropy)
 
 

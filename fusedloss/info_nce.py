@@ -17,6 +17,8 @@ everything in acc: float32 for half inputs):
 The kernels tile the logits (flash-attention style in Triton, GEMM blocks in C++) and
 never store them whole.
 """
+import functools
+
 import torch
 
 from . import _backends, _checks, reference
@@ -104,7 +106,7 @@ def _check_labels(labels, n_rows, n_keys, query):
         raise ValueError(f"labels must have shape ({n_rows},), one per query row, got "
                          f"{tuple(labels.shape)}")
     _checks.same_device("labels", labels, query)
-    if _checks.data_checks(labels):
+    if n_keys is not None and _checks.data_checks(labels):
         bad = (labels < 0) | (labels >= n_keys)
         if bool(bad.any()):
             raise IndexError(f"labels contains {int(labels[bad][0])}, outside [0, {n_keys}) "
@@ -112,7 +114,8 @@ def _check_labels(labels, n_rows, n_keys, query):
 
 
 def info_nce(query, key, *, temperature=0.07, logit_scale=None, labels=None, negatives=None,
-             symmetric=False, reduction="mean", backend="auto"):
+             symmetric=False, reduction="mean", process_group=None, exchange="all_gather",
+             backend="auto"):
     """InfoNCE: cross-entropy of each query against all keys (and extra negatives).
 
     query (N, D), key (M, D): logits = query @ key^T / temperature, or * logit_scale when
@@ -123,6 +126,18 @@ def info_nce(query, key, *, temperature=0.07, logit_scale=None, labels=None, neg
     needs labels=None and N == M, and the key->query direction ranges over the queries only.
     reduction: "mean" (default), "sum" or "none" (per query row, shape (N,)).
     Embeddings are used as given: normalise them first for cosine similarity.
+
+    process_group: InfoNCE over every rank's batch (torch.distributed). Each rank passes
+    its own query and key rows (and negatives, shared like the keys); every rank's keys
+    are candidates for every query; row i's positive is this rank's key i, or labels[i]
+    in global key indices (every rank's keys in rank order, then every rank's negatives);
+    symmetric=True adds the key->query direction over every rank's queries. The loss is
+    this rank's share (the mean over its rows), so DDP's averaging of the gradients gives
+    the gradient of the global mean (equal local batches). exchange: "all_gather" gathers
+    keys (and queries) with their gradients and runs this backend's kernels, memory
+    O(global N x D); "ring" passes key blocks around the ring (torch ops on [N, M] tiles),
+    memory O(local N x D) beyond one tile. Every rank needs the same N, M, E and D
+    (checked on CPU tensors; on CUDA a mismatch fails inside the collectives).
     """
     red = _checks.reduction_code(reduction)
     _checks.tensor("query", query)
@@ -130,12 +145,14 @@ def info_nce(query, key, *, temperature=0.07, logit_scale=None, labels=None, neg
     _check_embeddings(query, key, negatives)
     n, m = query.shape[0], key.shape[0]
     n_keys = m + (negatives.shape[0] if negatives is not None else 0)
+    if exchange not in ("all_gather", "ring"):
+        raise ValueError(f"exchange must be 'all_gather' or 'ring', got {exchange!r}")
     if labels is None:
         if n > m:
             raise ValueError(f"labels=None pairs query i with key i, so it needs N <= M; got "
                              f"N={n} queries and M={m} keys")
-    else:
-        _check_labels(labels, n, n_keys, query)
+    else:  # with a process_group, labels index every rank's keys: checked there
+        _check_labels(labels, n, n_keys if process_group is None else None, query)
     if symmetric and (labels is not None or n != m):
         raise ValueError("symmetric=True pairs query i with key i in both directions: it "
                          f"needs labels=None and N == M (got N={n}, M={m}, labels "
@@ -154,6 +171,12 @@ def info_nce(query, key, *, temperature=0.07, logit_scale=None, labels=None, neg
     else:
         scale = torch.full((), _checks.number("logit_scale", logit_scale), dtype=acc,
                            device=query.device)
+    if process_group is not None:
+        from . import distributed
+        rows, cols = distributed.info_nce(
+            query, key, negatives, labels, scale, symmetric, exchange, process_group,
+            functools.partial(info_nce, backend=backend))
+        return _reduce_rows((rows + cols) / 2 if symmetric else rows, red, query.dtype)
     name = _backends.resolve(INFO_NCE, backend, query.device)
 
     if name == "reference":
@@ -165,11 +188,15 @@ def info_nce(query, key, *, temperature=0.07, logit_scale=None, labels=None, neg
         name, query=query.contiguous(), key=key.contiguous(),
         negatives=negatives.contiguous() if negatives is not None else None, labels=labels,
         scale=scale, symmetric=symmetric)
-    rows = (row_loss + col_loss) / 2 if symmetric else row_loss
+    return _reduce_rows((row_loss + col_loss) / 2 if symmetric else row_loss, red,
+                        query.dtype)
+
+
+def _reduce_rows(rows, red, dtype):
     if red == 0:
-        return rows.to(query.dtype)
+        return rows.to(dtype)
     total = rows.sum()
-    return (total / rows.numel() if red == 1 else total).to(query.dtype)
+    return (total / rows.numel() if red == 1 else total).to(dtype)
 
 
 class InfoNCELoss(torch.nn.Module):
@@ -177,7 +204,7 @@ class InfoNCELoss(torch.nn.Module):
     learnable logit scale (initialised to 1/temperature) as a parameter."""
 
     def __init__(self, *, temperature=0.07, learn_logit_scale=False, symmetric=False,
-                 reduction="mean", backend="auto"):
+                 reduction="mean", process_group=None, exchange="all_gather", backend="auto"):
         super().__init__()
         _checks.reduction_code(reduction)
         _checks.number("temperature", temperature, low=0.0, low_open=True)
@@ -186,12 +213,15 @@ class InfoNCELoss(torch.nn.Module):
                             if learn_logit_scale else None)
         self.symmetric = symmetric
         self.reduction = reduction
+        self.process_group = process_group
+        self.exchange = exchange
         self.backend = backend
 
     def forward(self, query, key, labels=None, negatives=None):
         return info_nce(query, key, temperature=self.temperature, logit_scale=self.logit_scale,
                         labels=labels, negatives=negatives, symmetric=self.symmetric,
-                        reduction=self.reduction, backend=self.backend)
+                        reduction=self.reduction, process_group=self.process_group,
+                        exchange=self.exchange, backend=self.backend)
 
     def extra_repr(self):
         return (f"temperature={self.temperature}, symmetric={self.symmetric}, "

@@ -27,8 +27,8 @@ import torch
 
 from . import _backends, _checks, _library, reference
 from ._library import Op, acc_dtype
-from .cross_entropy import (CROSS_ENTROPY, CROSS_ENTROPY_INPLACE, check_options, kernel_args,
-                            with_extras)
+from .cross_entropy import (CROSS_ENTROPY, CROSS_ENTROPY_INPLACE, check_options,
+                            check_process_group_backend, kernel_args, with_extras)
 
 # Bytes of one chunk of logits (which also holds its gradient). On a CPU, 15 MiB keeps the
 # memory beyond the gradients at or below torch's chunked path (which picks 128 rows for
@@ -286,7 +286,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                          reduction="mean", ignore_index=-100, label_smoothing=0.0,
                          z_loss=0.0, softcap=None, logit_scale=1.0, token_weight=None,
                          return_lse=False, return_entropy=False, chunk_size=None,
-                         options=None, backend="auto"):
+                         options=None, process_group=None, backend="auto"):
     """cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...) without the
     logits: a drop-in for torch.nn.functional.linear_cross_entropy.
 
@@ -309,14 +309,28 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     grad_weight matmul (R x V x 4 bytes). For reduced losses the gradients are computed in
     the forward; for reduction "none" the backward runs the chunks again.
 
+    process_group: vocab-parallel over a torch.distributed group (tensor-parallel LM heads):
+    linear_weight and linear_bias hold this rank's contiguous slice of the classes, in rank
+    order, input is the same on every rank, target holds global class indices; every rank
+    returns the same loss, and the backward all-reduces grad_input so that each rank gets
+    the whole gradient of the replicated input (as Megatron's column-parallel head). The
+    logits stay chunked, the chunks' statistics crossing ranks (a few numbers per row);
+    it runs torch ops (backend "auto" or "reference"). Without chunk_size, the ranks agree
+    on one chunk size through a small exchange read on the host (on CUDA: pass chunk_size
+    to spare that synchronisation).
+
     Returns the loss, plus lse and entropy (detached, one per position) when asked, as
     fusedloss.cross_entropy does.
     """
     logits_shape = _check_linear(input, linear_weight, linear_bias)
     o = check_options(input, target, weight, token_weight, logits_shape,
                       0 if input.dim() == 1 else 1, reduction, ignore_index, label_smoothing,
-                      logit_scale, softcap, z_loss)
+                      logit_scale, softcap, z_loss, vocab_parallel=process_group is not None)
     chunk_size = _chunk_size(chunk_size, options)
+    if process_group is not None:
+        return _vocab_parallel(input, linear_weight, linear_bias, target, weight,
+                               token_weight, o, chunk_size, return_lse, return_entropy,
+                               backend, process_group)
     name = _backends.resolve(LINEAR_CROSS_ENTROPY, backend, input.device, o.needs_reference)
 
     x = input.reshape(-1, input.shape[-1])
@@ -346,6 +360,25 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     return with_extras(loss.to(input.dtype), lse, entropy, o, return_lse, return_entropy)
 
 
+def _vocab_parallel(input, linear_weight, linear_bias, target, weight, token_weight, o,
+                    chunk_size, return_lse, return_entropy, backend, group):
+    from . import distributed
+    check_process_group_backend(backend, "linear_cross_entropy")
+    if o.needs_reference:
+        raise ValueError(f"{o.needs_reference} is not available with a process_group")
+    x = input.reshape(-1, input.shape[-1])
+    n_classes = linear_weight.shape[0]
+    w = linear_weight.reshape(-1, input.shape[-1])
+    b = linear_bias.reshape(-1) if linear_bias is not None else None
+    positions = w.shape[0] // n_classes
+    target_k = target.to(input.dtype) if o.prob_target else target.reshape(-1).long()
+    k = kernel_args(o, target_k, weight, token_weight, input)
+    loss, lse, entropy = distributed.linear_cross_entropy(
+        x, w, b, target_k, weight, k["row_weight"], k["loss_scale"], o, n_classes, positions,
+        chunk_size, return_entropy, group)
+    return with_extras(loss.to(input.dtype), lse, entropy, o, return_lse, return_entropy)
+
+
 class LinearCrossEntropyLoss(torch.nn.Module):
     """Drop-in for torch.nn.LinearCrossEntropyLoss: it owns the linear layer as torch's
     does (same constructor arguments, same state_dict keys: linear.weight, linear.bias,
@@ -354,7 +387,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     def __init__(self, in_features, num_classes, *, out_features=(), bias=False, device=None,
                  dtype=None, reduction="mean", weight=None, ignore_index=None,
                  label_smoothing=0.0, options=None, z_loss=0.0, softcap=None, logit_scale=1.0,
-                 return_lse=False, return_entropy=False, chunk_size=None, backend="auto"):
+                 return_lse=False, return_entropy=False, chunk_size=None, process_group=None,
+                 backend="auto"):
         super().__init__()
         _checks.reduction_code(reduction)
         if weight is not None and tuple(weight.shape) != (num_classes,):
@@ -378,6 +412,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self.return_lse = return_lse
         self.return_entropy = return_entropy
         self.chunk_size = chunk_size
+        # Vocab-parallel: num_classes is this rank's slice (see linear_cross_entropy).
+        self.process_group = process_group
         self.backend = backend
 
     def forward(self, input, target, token_weight=None):
@@ -390,7 +426,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
             z_loss=self.z_loss, softcap=self.softcap, logit_scale=self.logit_scale,
             token_weight=token_weight, return_lse=self.return_lse,
             return_entropy=self.return_entropy, chunk_size=self.chunk_size,
-            options=self.options, backend=self.backend)
+            options=self.options, process_group=self.process_group, backend=self.backend)
 
     def extra_repr(self):
         return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "

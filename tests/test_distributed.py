@@ -1,0 +1,287 @@
+"""The losses over a torch.distributed group (gloo, spawned ranks): each equal, loss and
+gradients in float64, to the single-process call on the concatenated tensors."""
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import fusedloss
+from conftest import assert_close
+from multiprocess import run_ranks
+
+# Uneven class slices of C = 37 for each world size.
+SLICES = {1: [37], 2: [10, 27], 3: [5, 20, 12]}
+
+
+def _slice(t, rank, world, dim=1):
+    sizes = SLICES[world]
+    return t.narrow(dim, sum(sizes[:rank]), sizes[rank])
+
+
+def _vocab_parallel_ce(rank, world):
+    torch.manual_seed(0)  # the same tensors on every rank
+    n, c, s = 9, sum(SLICES[world]), 2
+    x = torch.randn(n, c, s, dtype=torch.float64) * 3
+    t = torch.randint(0, c, (n, s))
+    t[::3, 0] = -100
+    probs = torch.softmax(torch.randn(n, c, s, dtype=torch.float64), 1)
+    weight = torch.rand(c, dtype=torch.float64) + 0.2
+    tw = torch.rand(n, s, dtype=torch.float64)
+    combos = [dict(), dict(weight=weight, label_smoothing=0.1, z_loss=1e-2),
+              dict(softcap=4.0, logit_scale=1.3, token_weight=tw, label_smoothing=0.2),
+              dict(weight=weight, ignore_index=3, label_smoothing=0.05)]
+    group = dist.group.WORLD
+    for target in (t, probs):
+        for kwargs in combos:
+            if "ignore_index" in kwargs:
+                if target.is_floating_point():
+                    continue
+                target = torch.where(t == -100, kwargs["ignore_index"], t)
+            for reduction in ("mean", "sum", "none"):
+                full = x.clone().requires_grad_()
+                expected, lse, ent = fusedloss.cross_entropy(
+                    full, target, reduction=reduction, return_lse=True, return_entropy=True,
+                    backend="reference", **kwargs)
+                upstream = torch.rand_like(expected) + 0.5
+                (expected * upstream).sum().backward()
+                local = _slice(x, rank, world).clone().requires_grad_()
+                local_t = _slice(target, rank, world) if target.is_floating_point() else target
+                ours, our_lse, our_ent = fusedloss.cross_entropy(
+                    local, local_t, reduction=reduction, return_lse=True, return_entropy=True,
+                    process_group=group, **kwargs)
+                (ours * upstream).sum().backward()
+                assert_close(ours, expected)
+                assert_close(our_lse, lse)
+                assert_close(our_ent, ent)
+                assert_close(local.grad, _slice(full.grad, rank, world))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_vocab_parallel_cross_entropy(world):
+    run_ranks(_vocab_parallel_ce, world)
+
+
+def _refusals(rank, world):
+    group = dist.group.WORLD
+    x = torch.randn(4, SLICES[world][rank])
+    with pytest.raises(IndexError, match="target"):
+        fusedloss.cross_entropy(x, torch.tensor([0, 1, 2, 99]), process_group=group)
+    with pytest.raises(ValueError, match="weight"):
+        fusedloss.cross_entropy(x, torch.tensor([0, 1, 2, 3]), weight=torch.rand(5),
+                                process_group=group)
+    with pytest.raises(ValueError, match="backend"):
+        fusedloss.cross_entropy(x, torch.tensor([0, 1, 2, 3]), backend="cpu",
+                                process_group=group)
+    # Ranks that disagree on the rows get a clear error on every rank, not a hang.
+    rows = 4 + rank
+    with pytest.raises(ValueError, match="disagree on the number of rows"):
+        fusedloss.cross_entropy(torch.randn(rows, 5), torch.zeros(rows, dtype=torch.long),
+                                process_group=group)
+
+
+def test_bad_input_across_ranks():
+    run_ranks(_refusals, 2)
+
+
+def _vocab_parallel_linear(rank, world):
+    torch.manual_seed(1)
+    n, d, c = 11, 6, sum(SLICES[world])
+    x = torch.randn(n, d, dtype=torch.float64)
+    w = torch.randn(c, d, dtype=torch.float64)
+    b = torch.randn(c, dtype=torch.float64)
+    t = torch.randint(0, c, (n,))
+    t[::4] = -100
+    probs = torch.softmax(torch.randn(n, c, dtype=torch.float64), 1)
+    weight = torch.rand(c, dtype=torch.float64) + 0.2
+    combos = [dict(), dict(weight=weight, label_smoothing=0.1, z_loss=1e-2, chunk_size=3),
+              dict(softcap=4.0, logit_scale=1.3, token_weight=torch.rand(n, dtype=torch.float64),
+                   chunk_size=5)]
+    group = dist.group.WORLD
+    for target in (t, probs):
+        for kwargs in combos:
+            for reduction in ("mean", "sum", "none"):
+                leaves = [v.clone().requires_grad_() for v in (x, w, b)]
+                expected = fusedloss.linear_cross_entropy(
+                    leaves[0], leaves[1], target, linear_bias=leaves[2], reduction=reduction,
+                    backend="reference", **kwargs)
+                upstream = torch.rand_like(expected) + 0.5
+                (expected * upstream).sum().backward()
+                mine = [x.clone().requires_grad_(),
+                        _slice(w, rank, world, 0).clone().requires_grad_(),
+                        _slice(b, rank, world, 0).clone().requires_grad_()]
+                local_t = _slice(target, rank, world) if target.is_floating_point() else target
+                ours = fusedloss.linear_cross_entropy(
+                    mine[0], mine[1], local_t, linear_bias=mine[2], reduction=reduction,
+                    process_group=group, **kwargs)
+                (ours * upstream).sum().backward()
+                assert_close(ours, expected)
+                assert_close(mine[0].grad, leaves[0].grad)  # all-reduced: the whole gradient
+                assert_close(mine[1].grad, _slice(leaves[1].grad, rank, world, 0))
+                assert_close(mine[2].grad, _slice(leaves[2].grad, rank, world, 0))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_linear_cross_entropy(world):
+    run_ranks(_vocab_parallel_linear, world)
+
+
+def _info_nce(rank, world, exchange):
+    torch.manual_seed(2)
+    n, e, d = 5, 3, 8  # per rank
+    q = F.normalize(torch.randn(world * n, d, dtype=torch.float64), dim=1)
+    k = F.normalize(torch.randn(world * n, d, dtype=torch.float64), dim=1)
+    neg = F.normalize(torch.randn(world * e, d, dtype=torch.float64), dim=1)
+    labels = torch.randint(0, world * (n + e), (world * n,))
+    group = dist.group.WORLD
+    mine = slice(rank * n, (rank + 1) * n)
+    cases = [dict(symmetric=True), dict(symmetric=True, negatives=True),
+             dict(labels=True, negatives=True), dict()]
+    for case in cases:
+        for reduction in ("mean", "sum", "none"):
+            scale = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
+            full = [t.clone().requires_grad_() for t in (q, k, neg)]
+            rows = fusedloss.info_nce(
+                full[0], full[1], logit_scale=scale,
+                negatives=full[2] if case.get("negatives") else None,
+                labels=labels if case.get("labels") else None,
+                symmetric=case.get("symmetric", False), reduction="none", backend="reference")
+            per_rank = rows.view(world, n)
+            expected = {"mean": per_rank.mean(1), "sum": per_rank.sum(1), "none": per_rank}[
+                reduction]
+            upstream = torch.rand_like(expected) + 0.5
+            # Every rank's loss: the gradients each rank's tensors get from all of them.
+            (expected * upstream).sum().backward()
+            local = [t[mine if t is not neg else slice(rank * e, (rank + 1) * e)].clone()
+                     .requires_grad_() for t in (q, k, neg)]
+            my_scale = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
+            ours = fusedloss.info_nce(
+                local[0], local[1], logit_scale=my_scale,
+                negatives=local[2] if case.get("negatives") else None,
+                labels=labels[mine] if case.get("labels") else None,
+                symmetric=case.get("symmetric", False), reduction=reduction,
+                process_group=group, exchange=exchange)
+            (ours * upstream[rank]).sum().backward()
+            assert_close(ours, expected[rank])
+            assert_close(local[0].grad, full[0].grad[mine])
+            assert_close(local[1].grad, full[1].grad[mine])
+            if case.get("negatives"):
+                assert_close(local[2].grad, full[2].grad[rank * e:(rank + 1) * e])
+            # This rank's own loss only: the scale is replicated, DDP averages its gradient.
+            own = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
+            rows = fusedloss.info_nce(
+                q, k, logit_scale=own, negatives=neg if case.get("negatives") else None,
+                labels=labels if case.get("labels") else None,
+                symmetric=case.get("symmetric", False), reduction="none", backend="reference")
+            mine_rows = rows.view(world, n)[rank]
+            own_loss = {"mean": mine_rows.mean(), "sum": mine_rows.sum(), "none": mine_rows}[
+                reduction]
+            (own_loss * upstream[rank]).sum().backward()
+            assert_close(my_scale.grad, own.grad)
+
+
+@pytest.mark.parametrize("exchange", ["all_gather", "ring"])
+@pytest.mark.parametrize("world", [2, 3])
+def test_info_nce_across_ranks(world, exchange):
+    run_ranks(_info_nce, world, exchange)
+
+
+class _ToParallelRegion(torch.autograd.Function):
+    """Megatron's column-parallel input: identity forward, gradient summed over ranks."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def _train_tensor_parallel(rank, world, loss_name):
+    """A replicated body and a head sharded over the classes, trained a few steps: the
+    body equals, and each head shard is the slice of, the single-process run."""
+    c, steps = sum(SLICES[world]), 3
+
+    def make():
+        torch.manual_seed(3)
+        body = torch.nn.Linear(8, 6, dtype=torch.float64)
+        head = torch.nn.Linear(6, c, bias=False, dtype=torch.float64)
+        return body, head
+
+    def loss_of(body, head_weight, x, t, group):
+        h = torch.tanh(body(x))
+        opts = dict(label_smoothing=0.1, z_loss=1e-3)
+        if loss_name == "linear_cross_entropy":
+            return fusedloss.linear_cross_entropy(h, head_weight, t, process_group=group,
+                                                  chunk_size=5, **opts)
+        if group is not None:
+            h = _ToParallelRegion.apply(h)
+        return fusedloss.cross_entropy(h @ head_weight.T, t, process_group=group, **opts)
+
+    torch.manual_seed(4)
+    data = [(torch.randn(13, 8, dtype=torch.float64), torch.randint(0, c, (13,)))
+            for _ in range(steps)]
+    runs = {}
+    for group in (None, dist.group.WORLD):
+        body, head = make()
+        head_weight = head.weight if group is None else \
+            torch.nn.Parameter(_slice(head.weight.detach(), rank, world, 0).clone())
+        opt = torch.optim.SGD([*body.parameters(), head_weight], lr=0.3)
+        for x, t in data:
+            opt.zero_grad()
+            loss_of(body, head_weight, x, t, group).backward()
+            opt.step()
+        runs[group] = (body.weight.detach(), head_weight.detach())
+    (body_a, head_a), (body_b, head_b) = runs[None], runs[dist.group.WORLD]
+    assert_close(body_b, body_a)
+    assert_close(head_b, _slice(head_a, rank, world, 0))
+
+
+@pytest.mark.parametrize("loss_name", ["cross_entropy", "linear_cross_entropy"])
+def test_tensor_parallel_training(loss_name):
+    run_ranks(_train_tensor_parallel, 2, loss_name)
+
+
+def _train_ddp(rank, world, exchange):
+    """CLIP-style towers under DDP, InfoNCE over both ranks' batches: after a few steps the
+    weights (and the learnt logit scale) equal a single-process run on the whole batch."""
+    class Towers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(5)
+            self.image = torch.nn.Linear(10, 8, dtype=torch.float64)
+            self.text = torch.nn.Linear(12, 8, dtype=torch.float64)
+            self.logit_scale = torch.nn.Parameter(torch.tensor(3.0, dtype=torch.float64))
+
+        def forward(self, a, b):
+            return F.normalize(self.image(a), dim=1), F.normalize(self.text(b), dim=1)
+
+    torch.manual_seed(6)
+    n = 6  # per rank
+    data = [(torch.randn(world * n, 10, dtype=torch.float64),
+             torch.randn(world * n, 12, dtype=torch.float64)) for _ in range(3)]
+    results = []
+    for distributed in (False, True):
+        model = Towers()
+        net = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        for a, b in data:
+            if distributed:
+                a, b = a[rank * n:(rank + 1) * n], b[rank * n:(rank + 1) * n]
+            q, k = net(a, b)
+            loss = fusedloss.info_nce(q, k, logit_scale=model.logit_scale, symmetric=True,
+                                      process_group=dist.group.WORLD if distributed else None,
+                                      exchange=exchange)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for single, ours in zip(*results):
+        assert_close(ours, single)
+
+
+@pytest.mark.parametrize("exchange", ["all_gather", "ring"])
+def test_ddp_training(exchange):
+    run_ranks(_train_ddp, 2, exchange)
