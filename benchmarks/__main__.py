@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import cases as cases_mod, measure, providers as providers_mod, report
+from . import cases as cases_mod, distributed, measure, providers as providers_mod, report
 
 
 def _names(values):
@@ -150,9 +150,13 @@ def main(argv=None):
     try:
         for case, able in runs:
             bar.set_postfix_str(f"{case.loss} {case.n}x{case.c} {case.dtype} {case.options}")
-            rows += measure.run_case_isolated(case, able, device, repeats,
-                                              measure.WARMUP[device],
-                                              on_row=lambda row: bar.update(1))
+            if case.world > 1:  # gloo ranks, each its own process
+                rows += distributed.run_case(case, able, repeats, measure.WARMUP[device],
+                                             on_row=lambda row: bar.update(1))
+            else:
+                rows += measure.run_case_isolated(case, able, device, repeats,
+                                                  measure.WARMUP[device],
+                                                  on_row=lambda row: bar.update(1))
     finally:
         bar.close()
     rows = report.finalize(rows, meta)

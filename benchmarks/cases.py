@@ -32,6 +32,8 @@ class Case:
     ignore_frac: float = 0.0       # cross_entropy, focal: this fraction of rows is ignored
     symmetric: bool = False        # info_nce: both directions
     d: int = 0                     # linear_cross_entropy: the hidden size
+    world: int = 1                 # > 1: that many gloo ranks (benchmarks/distributed.py)
+    exchange: str = ""             # info_nce across ranks: "all_gather" or "ring"
 
     @property
     def torch_dtype(self):
@@ -47,6 +49,8 @@ class Case:
             parts.append(f"ign={self.ignore_frac:.0%}")
         if self.symmetric:
             parts.append("sym")
+        if self.world > 1:
+            parts.append(f"P={self.world}" + (f" {self.exchange}" if self.exchange else ""))
         return " ".join(parts)
 
     def loss_kwargs(self):
@@ -59,10 +63,19 @@ class Case:
             return {"alpha": 0.25, "gamma": 2.0, "reduction": "mean"}
         return {"temperature": 0.07, "symmetric": self.symmetric}
 
-    def make_inputs(self, device):
-        """The loss's positional tensor arguments; the floating ones require grad."""
+    def make_inputs(self, device, rank=0):
+        """The loss's positional tensor arguments; the floating ones require grad. With
+        world > 1, rank `rank`'s share: its slice of the classes (cross_entropy: N x C/P
+        logits, global targets), or its own N rows (info_nce: N per rank)."""
         gen = torch.Generator(device=device).manual_seed(0)
         n, c, dtype = self.n, self.c, self.torch_dtype
+        if self.world > 1 and self.loss == "cross_entropy":
+            x = torch.randn(n, c, device=device, dtype=dtype, generator=gen)
+            width = c // self.world
+            x = x[:, rank * width:(rank + 1) * width].clone().requires_grad_()
+            return x, self._class_targets(device, gen)
+        if self.world > 1:  # info_nce: every rank its own rows
+            gen.manual_seed(rank)
         if self.loss == "linear_cross_entropy":
             x = torch.randn(n, self.d, device=device, generator=gen).to(dtype)
             w = (torch.randn(c, self.d, device=device, generator=gen) / self.d ** 0.5).to(dtype)
@@ -103,7 +116,7 @@ class Case:
         cross-entropy (logits, dx, dW: 3 x 2 N D V); 0 for the rest."""
         if self.loss == "linear_cross_entropy":
             return 6 * self.n * self.d * self.c
-        return 6 * self.n * self.n * self.c if self.loss == "info_nce" else 0
+        return 6 * self.n * self.n * self.c * self.world if self.loss == "info_nce" else 0
 
 
 def _grid(loss, ns, cs, dtypes, **options):
@@ -113,6 +126,14 @@ def _grid(loss, ns, cs, dtypes, **options):
 
 # The one table of cases: (device type, suite) -> cases. A CPU runs float32 only.
 # Sweeps with >= 3 sizes get plots of time and memory against that size.
+# Past one device, on this machine's cores (gloo ranks): vocab-parallel cross-entropy
+# (N x V split over the ranks) and InfoNCE at a fixed batch per rank, as P grows.
+DISTRIBUTED = [
+    *[Case("cross_entropy", 4096, 32000, world=p, ignore_frac=0.25) for p in (2, 4)],
+    *[Case("info_nce", 2048, 512, symmetric=True, world=p, exchange=x)
+      for p in (2, 4) for x in ("all_gather", "ring")],
+]
+
 SUITES = {
     ("cpu", "quick"): [  # a few minutes on 2 cores, torch.compile warm-up included
         *_grid("cross_entropy", [1024], [8192, 16384, 32000, 65536], ["float32"]),
@@ -128,6 +149,7 @@ SUITES = {
         Case("linear_cross_entropy", 4096, 32000, d=512, ignore_frac=1 / 7),
         Case("linear_cross_entropy", 4096, 32000, d=512, label_smoothing=0.1,
              ignore_frac=1 / 7),
+        *DISTRIBUTED,
     ],
     ("cpu", "full"): [
         *_grid("cross_entropy", [1024], [8192, 16384, 32000, 65536, 128256], ["float32"]),
@@ -141,6 +163,7 @@ SUITES = {
         *_grid("linear_cross_entropy", [4096], [8192, 16384, 32000], ["float32"], d=512,
                ignore_frac=1 / 7),
         *_grid("linear_cross_entropy", [8192], [32000], ["float32", "bfloat16"], d=1024),
+        *DISTRIBUTED,
     ],
     ("cuda", "quick"): [
         *_grid("cross_entropy", [4096], [32000, 128256, 256000], ["bfloat16"]),

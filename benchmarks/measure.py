@@ -126,7 +126,8 @@ def failure(exc):
 def case_row(case, provider_name, status, note="", **metrics):
     return {"loss": case.loss, "n": case.n, "c": case.c, "dtype": case.dtype,
             "label_smoothing": case.label_smoothing, "ignore_frac": case.ignore_frac,
-            "symmetric": case.symmetric, "d": case.d, "options": case.options,
+            "symmetric": case.symmetric, "d": case.d, "world": case.world,
+            "exchange": case.exchange, "options": case.options,
             "min_bytes": case.min_bytes(), "flops": case.flops(),
             "provider": provider_name, "status": status, "note": note, **metrics}
 

@@ -154,12 +154,56 @@ def _always(device_type, case):
     return None
 
 
+# ---------------------------------------------------------------- past one device
+def _dist_fusedloss(case):
+    import torch.distributed as dist
+
+    import fusedloss
+    group = dist.group.WORLD
+    if case.loss == "cross_entropy":
+        return functools.partial(fusedloss.cross_entropy, process_group=group,
+                                 **case.loss_kwargs())
+    return functools.partial(fusedloss.info_nce, process_group=group, exchange=case.exchange,
+                             **case.loss_kwargs())
+
+
+def _dist_gather(case):
+    """The gather-everything baseline: all the logits (or keys and queries) on every rank,
+    with gradients (torch.distributed.nn), then the single-device loss."""
+    import torch.distributed as dist
+    from torch.distributed.nn.functional import all_gather
+
+    kwargs = case.loss_kwargs()
+    if case.loss == "cross_entropy":
+        def fn(x, target):
+            return F.cross_entropy(torch.cat(all_gather(x), dim=1), target, **kwargs)
+        return fn
+
+    def fn(q, k):
+        rank, n = dist.get_rank(), q.shape[0]
+        qs, ks = torch.cat(all_gather(q)), torch.cat(all_gather(k))
+        labels = torch.arange(n, device=q.device) + rank * n
+        logits = q @ ks.T / kwargs["temperature"]
+        loss = F.cross_entropy(logits, labels)
+        if kwargs["symmetric"]:
+            loss = (loss + F.cross_entropy(k @ qs.T / kwargs["temperature"], labels)) / 2
+        return loss
+    return fn
+
+
+def _dist_unavailable(device_type, case):
+    if device_type != "cpu":
+        return "the distributed cases run gloo ranks on this machine's CPU cores"
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Provider:
     name: str
     build: Optional[Callable]            # case -> fn(*inputs) -> scalar loss
     unavailable: Callable = _always      # (device type, case) -> why it cannot run, or None
     default: bool = True                 # run when --providers is not given
+    distributed: bool = False            # runs on world > 1 cases (and only on them)
 
     # Module-level functions only (functools.partial of them is fine): a Provider is
     # pickled into the worker process that measures a case.
@@ -182,8 +226,12 @@ PROVIDERS = [
              functools.partial(_torch_lce_unavailable, True)),
     Provider("liger", _liger, _liger_unavailable),
     Provider("cut-cross-entropy", _cce, _cce_unavailable),
+    # Over `world` gloo ranks: fusedloss's process_group path, and gathering everything.
+    Provider("fusedloss-dist", _dist_fusedloss, _dist_unavailable, distributed=True),
+    Provider("gather", _dist_gather, _dist_unavailable, distributed=True),
 ]
 BASELINE = "torch"
+DIST_BASELINE = "gather"  # the baseline of the world > 1 cases
 ALIASES = {"eager": "torch", "compile": "torch.compile", "cce": "cut-cross-entropy",
            "liger-kernel": "liger"}
 
@@ -214,6 +262,8 @@ def plan(providers, device_type, cases):
     for case in cases:
         able = []
         for p in providers:
+            if p.distributed != (case.world > 1):
+                continue  # the distributed providers run the world > 1 cases, and only they
             why = p.unavailable(device_type, case)
             if why is None:
                 able.append(p)

@@ -9,12 +9,12 @@ from collections import defaultdict
 from pathlib import Path
 
 from .cases import AXES
-from .providers import BASELINE
+from .providers import BASELINE, DIST_BASELINE
 
 META = ["timestamp", "device", "device_name", "threads", "torch_version", "triton_version",
         "fusedloss_version", "git_commit"]
 CASE = ["loss", "n", "c", "dtype", "label_smoothing", "ignore_frac", "symmetric", "d",
-        "options"]
+        "world", "exchange", "options"]
 TIMES = [f"{step}_ms{q}" for step in ("fwd", "bwd", "fwdbwd") for q in ("", "_p20", "_p80")]
 COLUMNS = [*META, *CASE, "provider", "status", *TIMES, "peak_mem_mib", "min_bytes", "gbps",
            "copy_gbps", "bw_frac", "flops", "tflops", "speedup", "mem_ratio", "repeats", "note"]
@@ -26,8 +26,10 @@ def _case_key(row):
 
 def finalize(rows, meta):
     """Every row gets the run's metadata and the columns derived from its times:
-    bandwidth, its fraction of the copy bandwidth, TFLOP/s, and ratios to eager torch."""
-    baseline = {_case_key(r): r for r in rows if r["provider"] == BASELINE and r["status"] == "ok"}
+    bandwidth, its fraction of the copy bandwidth, TFLOP/s, and ratios to the case's
+    baseline (eager torch; gathering everything for the world > 1 cases)."""
+    baseline = {_case_key(r): r for r in rows
+                if r["provider"] in (BASELINE, DIST_BASELINE) and r["status"] == "ok"}
     out = []
     for row in rows:
         row = {**{k: meta.get(k) for k in META}, "copy_gbps": meta.get("copy_gbps"), **row}

@@ -22,9 +22,9 @@ import torch.distributed as dist
 
 from . import _library
 from ._library import acc_dtype
-from .reference import transform_logits
 
-# Rows of logits handled at once by the torch-op parts below: bounds their temporaries.
+# Rows of logits handled at once by the torch-op parts below (4 Mi values): bounds the
+# scratch of a chunk where it cannot be the gradient buffer.
 CHUNK_ELEMENTS = 1 << 22
 
 
@@ -90,8 +90,12 @@ class VocabSlice:
                 max=weight.shape[0] - 1)
             self.weight_local = self.weight.index_select(0, idx)
 
-    def transform(self, x):
-        return transform_logits(x.to(self.acc), self.o.logit_scale, self.o.softcap)
+    def transform_into(self, x, out):
+        """out (the accumulation dtype) = z = the transformed logits x."""
+        torch.mul(x, self.o.logit_scale, out=out)
+        if self.o.softcap is not None:
+            out.div_(self.o.softcap).tanh_().mul_(self.o.softcap)
+        return out
 
     def targets(self, target):
         """Class-index targets (rows, S) -> (local index, held here, counted, bad)."""
@@ -108,13 +112,12 @@ class VocabSlice:
         return t * self.weight_local[None, :, None] if self.weight_local is not None else t
 
     def local_stats(self, z, target, entropy):
-        """The slice's (m, [s, sums...]) for z (rows, C_local, S), target its rows'."""
+        """The slice's (m, [s, sums...], shift) for z (rows, C_local, S), which it
+        overwrites (with exp(z - shift)): so z may be scratch memory, such as the gradient
+        buffer before the gradient is written."""
         m = z.amax(1)
         shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        e = torch.exp(z - shift[:, None])
-        sums = [e.sum(1)]
-        if entropy:  # sum_c e_c z_c, 0 where e_c is (at -inf logits)
-            sums.append(torch.where(e > 0, e * z, torch.zeros_like(z)).sum(1))
+        sums = []
         if not target.is_floating_point():
             local, held = self.targets(target)[:2]
             z_t = z.gather(1, local[:, None]).squeeze(1)
@@ -125,6 +128,11 @@ class VocabSlice:
         else:
             wt = self.soft_targets(target)
             sums += [torch.einsum("rcs,rcs->rs", wt, z), wt.sum(1)]
+        if entropy:  # sum_c e_c z_c, 0 where e_c is (at -inf logits)
+            e = torch.exp(z - shift[:, None])
+            sums.insert(0, torch.where(e > 0, e * z, torch.zeros_like(z)).sum(1))
+        e = z.sub_(shift[:, None]).exp_()
+        sums.insert(0, e.sum(1))
         return m, torch.stack(sums), shift
 
     def combine(self, m, sums, shift, entropy):
@@ -182,26 +190,28 @@ class VocabSlice:
                                                                         t_coef))
         return loss, lse, ent, (p_coef, w_coef, t_coef)
 
-    def grad(self, z, x_dtype, target, lse, coefs, scale):
-        """d loss / d x of the slice for z (rows, C_local, S), in x's dtype."""
+    def grad_into(self, x, out, target, lse, coefs, scale):
+        """out (rows, C_local, S; the accumulation dtype) = d loss / d x of the slice, in
+        place: the only temporary is the softcap's derivative."""
         p_coef, w_coef, t_coef = (c * scale for c in coefs)
-        g = torch.exp(z - lse[:, None]) * p_coef[:, None]
+        self.transform_into(x, out)
+        dz_dx = 1 - (out / self.o.softcap) ** 2 if self.o.softcap is not None else None
+        out.sub_(lse[:, None]).exp_().mul_(p_coef[:, None])
         if not target.is_floating_point():
             if self.o.label_smoothing > 0:
                 w = self.weight_local if self.weight_local is not None else \
-                    torch.ones(self.n_local, dtype=self.acc, device=z.device)
-                g = g - w[None, :, None] * w_coef[:, None]
+                    torch.ones(self.n_local, dtype=self.acc, device=out.device)
+                out.addcmul_(w[None, :, None], w_coef[:, None], value=-1)
             local, held = self.targets(target)[:2]
-            g.scatter_add_(1, local[:, None], -torch.where(held, t_coef,
-                                                           torch.zeros_like(t_coef))[:, None])
-            counted = target != self.o.ignore_index
-            g = torch.where(counted[:, None], g, torch.zeros_like(g))
+            out.scatter_add_(1, local[:, None], -torch.where(held, t_coef,
+                                                             torch.zeros_like(t_coef))[:, None])
+            out.masked_fill_((target == self.o.ignore_index)[:, None], 0)
         else:
-            g = g - self.soft_targets(target) * w_coef[:, None]
-        g = g * self.o.logit_scale
-        if self.o.softcap is not None:
-            g = g * (1 - (z / self.o.softcap) ** 2)
-        return g.to(x_dtype)
+            out.sub_(self.soft_targets(target) * w_coef[:, None])
+        out.mul_(self.o.logit_scale)
+        if dz_dx is not None:
+            out.mul_(dz_dx)
+        return out
 
 
 def _chunk_rows(per_row):
@@ -217,19 +227,30 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, sl, target, row_weight, loss_scale, reduction, entropy):
         B, C, S = x.shape
         step = _chunk_rows(C * S)
-        stats = [sl.local_stats(sl.transform(x[b:b + step]), target[b:b + step], entropy)
+        grad = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        # Scratch for the chunks' z: the gradient buffer itself where it has the
+        # accumulation dtype (it is written only after the statistics), else one chunk.
+        in_grad = grad is not None and x.dtype == sl.acc
+        scratch = None if in_grad else x.new_empty((min(B, step), C, S), dtype=sl.acc)
+
+        def z_of(b):
+            rows = x[b:b + step]
+            out = grad[b:b + step] if in_grad else scratch[:rows.shape[0]]
+            return rows, out
+
+        stats = [sl.local_stats(sl.transform_into(*z_of(b)), target[b:b + step], entropy)
                  for b in range(0, max(B, 1), step)]  # no rows: one empty chunk
         m, sums, shift = (torch.cat([s[i] for s in stats], dim=1 if i == 1 else 0)
                           for i in range(3))
         top_shift, sums = sl.combine(m, sums, shift, entropy)
         loss, lse, ent, coefs = sl.rows(target, top_shift, sums, row_weight, entropy)
-        grad = None
-        if ctx.needs_input_grad[0]:
-            grad = torch.empty_like(x)
+        if grad is not None:
             for b in range(0, B, step):
-                grad[b:b + step] = sl.grad(sl.transform(x[b:b + step]), x.dtype,
-                                           target[b:b + step], lse[b:b + step],
-                                           [c[b:b + step] for c in coefs], loss_scale)
+                rows, out = z_of(b)
+                sl.grad_into(rows, out, target[b:b + step], lse[b:b + step],
+                             [c[b:b + step] for c in coefs], loss_scale)
+                if not in_grad:
+                    grad[b:b + step] = out
         ctx.grad, ctx.reduction = grad, reduction
         if grad is not None:
             _library.owned(grad)
@@ -288,7 +309,9 @@ def _linear_chunks(sl, x, w, b, target, row_weight, loss_scale, positions, chunk
     for i in range(0, max(n, 1), chunk):  # no rows: one empty chunk, still exchanged
         xc, tc = x[i:i + chunk], target[i:i + chunk]
         logits = torch.mm(xc, w.t()) if b is None else torch.addmm(b, xc, w.t())
-        z = sl.transform(logits.view(xc.shape[0], -1, positions))
+        logits = logits.view(xc.shape[0], -1, positions)
+        # z in its own buffer: the statistics use it up, the gradient is then written there.
+        z = sl.transform_into(logits, torch.empty_like(logits, dtype=sl.acc))
         m, sums, shift = sl.local_stats(z, tc, entropy)
         top, sums = sl.combine(m, sums, shift, entropy)
         rw = row_weight[i:i + chunk] if row_weight is not None else None
@@ -296,8 +319,8 @@ def _linear_chunks(sl, x, w, b, target, row_weight, loss_scale, positions, chunk
         if entropy:
             ent[i:i + chunk] = e
         if grads:
-            g = sl.grad(z, x.dtype, tc, lse[i:i + chunk], coefs, loss_scale).view(-1, v)
-            gx[i:i + chunk] = torch.mm(g, w)
+            g = sl.grad_into(logits, z, tc, lse[i:i + chunk], coefs, loss_scale).view(-1, v)
+            gx[i:i + chunk] = torch.mm(g.to(x.dtype), w)
             gw.addmm_(g.t().to(gw.dtype), xc.to(gw.dtype))
             if gb is not None:
                 gb += g.sum(0, dtype=gb.dtype)
@@ -355,7 +378,7 @@ def linear_cross_entropy(x, w, b, target_k, weight, row_weight, loss_scale, o, n
                          positions, chunk_size, entropy, group):
     """Vocab-parallel linear cross-entropy: x (N, D) replicated, w (C_local * S, D) and b
     this rank's slice. Returns (loss, lse, entropy)."""
-    n, d = x.shape
+    n = x.shape[0]
     default = max(1, min(max(n, 1), CHUNK_ELEMENTS // max(w.shape[0], 1)))
     sl = VocabSlice(group, x, n_classes, [n, positions], o, weight, "linear_cross_entropy",
                     extra=[chunk_size or default])
@@ -478,7 +501,7 @@ class _RingInfoNCE(torch.autograd.Function):
         group, symmetric = ctx.group, ctx.symmetric
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         acc = row_lse.dtype
-        n, m_keys, e = q.shape[0], k.shape[0], neg.shape[0]
+        m_keys, e = k.shape[0], neg.shape[0]
         sc = scale.to(acc)
         qa, ka = q.to(acc), k.to(acc)
         g_row = grad_row.to(acc) if grad_row is not None else torch.zeros_like(row_lse)
