@@ -285,3 +285,19 @@ def _train_ddp(rank, world, exchange):
 @pytest.mark.parametrize("exchange", ["all_gather", "ring"])
 def test_ddp_training(exchange):
     run_ranks(_train_ddp, 2, exchange)
+
+
+def test_example_runs_under_torchrun():
+    """The README's distributed example, run as written (two gloo ranks on this CPU)."""
+    import pathlib
+    import shutil
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).resolve().parents[1]
+    torchrun = shutil.which("torchrun")
+    cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    proc = subprocess.run([*cmd, "--nproc-per-node", "2",
+                           str(root / "benchmarks" / "distributed_example.py")],
+                          capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "both match a single process (2 ranks" in proc.stdout
