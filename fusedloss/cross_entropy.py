@@ -38,6 +38,7 @@ import torch
 
 from . import _backends, _checks, _library, reference
 from ._library import Op, acc_dtype, grad_output, rows_of
+from ._module import LossModule
 
 
 # ------------------------------------------------------------------------------ ops
@@ -345,34 +346,19 @@ def _vocab_parallel(input, target, weight, token_weight, class_dim, o, return_ls
     return with_extras(loss.to(input.dtype), lse, entropy, o, return_lse, return_entropy)
 
 
-class CrossEntropyLoss(torch.nn.Module):
-    """Drop-in for torch.nn.CrossEntropyLoss; see fusedloss.cross_entropy for the extras."""
+class CrossEntropyLoss(LossModule):
+    """Drop-in for torch.nn.CrossEntropyLoss; see fusedloss.cross_entropy for the extras.
+    forward(input, target, token_weight=None)."""
 
     def __init__(self, weight=None, ignore_index=-100, reduction="mean",
                  label_smoothing=0.0, *, z_loss=0.0, softcap=None, logit_scale=1.0,
                  return_lse=False, return_entropy=False, inplace_backward=False,
-                 backend="auto"):
-        super().__init__()
-        _checks.reduction_code(reduction)
-        self.register_buffer("weight", weight)
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
-        self.z_loss = z_loss
-        self.softcap = softcap
-        self.logit_scale = logit_scale
-        self.return_lse = return_lse
-        self.return_entropy = return_entropy
-        self.inplace_backward = inplace_backward
-        self.backend = backend
+                 process_group=None, backend="auto"):
+        super().__init__(weight=weight, ignore_index=ignore_index, reduction=reduction,
+                         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                         logit_scale=logit_scale, return_lse=return_lse,
+                         return_entropy=return_entropy, inplace_backward=inplace_backward,
+                         process_group=process_group, backend=backend)
 
     def forward(self, input, target, token_weight=None):
-        return cross_entropy(input, target, self.weight, self.ignore_index, self.reduction,
-                             self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
-                             logit_scale=self.logit_scale, token_weight=token_weight,
-                             return_lse=self.return_lse, return_entropy=self.return_entropy,
-                             inplace_backward=self.inplace_backward, backend=self.backend)
-
-    def extra_repr(self):
-        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-                f"label_smoothing={self.label_smoothing}, backend={self.backend!r}")
+        return cross_entropy(input, target, token_weight=token_weight, **self.loss_options())

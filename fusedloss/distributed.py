@@ -214,6 +214,14 @@ class VocabSlice:
         return out
 
 
+def _first_order_only():
+    """A backward run with create_graph=True asks for gradients these Functions cannot
+    differentiate."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("fusedloss: higher-order gradients (create_graph=True) are not "
+                           "available with a process_group")
+
+
 def _chunk_rows(per_row):
     return max(1, CHUNK_ELEMENTS // max(per_row, 1))
 
@@ -261,9 +269,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        if torch.is_grad_enabled():
-            raise RuntimeError("fusedloss: higher-order gradients are not available with a "
-                               "process_group")
+        _first_order_only()
         grad = ctx.grad
         if grad is None:
             raise RuntimeError(_library.CONSUMED)
@@ -355,9 +361,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        if torch.is_grad_enabled():
-            raise RuntimeError("fusedloss: higher-order gradients are not available with a "
-                               "process_group")
+        _first_order_only()
         x, w, b, target, row_weight = ctx.saved_tensors
         if ctx.grads is not None:
             gx, gw, gb = (g * grad_loss.to(g.dtype) if g is not None else None
@@ -494,9 +498,7 @@ class _RingInfoNCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_row, grad_col):
-        if torch.is_grad_enabled():
-            raise RuntimeError("fusedloss: higher-order gradients are not available with a "
-                               "process_group")
+        _first_order_only()
         q, k, neg, scale, labels, row_lse, col_lse = ctx.saved_tensors
         group, symmetric = ctx.group, ctx.symmetric
         world, rank = dist.get_world_size(group), dist.get_rank(group)

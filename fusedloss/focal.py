@@ -15,6 +15,7 @@ import torch
 
 from . import _backends, _checks, _library, reference
 from ._library import Op, acc_dtype, grad_output, loss_output, rows_of
+from ._module import LossModule
 from .cross_entropy import as_bcs, class_index_weights, mean_scale
 
 
@@ -84,26 +85,13 @@ def focal_loss(input, target, gamma=2.0, alpha=None, weight=None, ignore_index=-
     return loss.view(target.shape) if red == 0 else loss
 
 
-class FocalLoss(torch.nn.Module):
+class FocalLoss(LossModule):
     """Module form of fusedloss.focal_loss (same arguments)."""
 
     def __init__(self, gamma=2.0, alpha=None, weight=None, ignore_index=-100,
                  reduction="mean", *, backend="auto"):
-        super().__init__()
-        _checks.reduction_code(reduction)
-        self.gamma = gamma
-        if isinstance(alpha, torch.Tensor):
-            self.register_buffer("alpha", alpha)
-        else:
-            self.alpha = alpha
-        self.register_buffer("weight", weight)
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.backend = backend
+        super().__init__(gamma=gamma, alpha=alpha, weight=weight, ignore_index=ignore_index,
+                         reduction=reduction, backend=backend)
 
     def forward(self, input, target):
-        return focal_loss(input, target, self.gamma, self.alpha, self.weight,
-                          self.ignore_index, self.reduction, backend=self.backend)
-
-    def extra_repr(self):
-        return f"gamma={self.gamma}, reduction={self.reduction!r}, backend={self.backend!r}"
+        return focal_loss(input, target, **self.loss_options())

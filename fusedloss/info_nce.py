@@ -23,6 +23,7 @@ import torch
 
 from . import _backends, _checks, reference
 from ._library import Op, acc_dtype
+from ._module import LossModule
 
 
 def _outputs(a):
@@ -199,30 +200,23 @@ def _reduce_rows(rows, red, dtype):
     return (total / rows.numel() if red == 1 else total).to(dtype)
 
 
-class InfoNCELoss(torch.nn.Module):
+class InfoNCELoss(LossModule):
     """Module form of fusedloss.info_nce. With learn_logit_scale=True it holds CLIP's
-    learnable logit scale (initialised to 1/temperature) as a parameter."""
+    learnable logit scale (initialised to 1/temperature) as a parameter.
+    forward(query, key, labels=None, negatives=None)."""
 
     def __init__(self, *, temperature=0.07, learn_logit_scale=False, symmetric=False,
                  reduction="mean", process_group=None, exchange="all_gather", backend="auto"):
-        super().__init__()
-        _checks.reduction_code(reduction)
         _checks.number("temperature", temperature, low=0.0, low_open=True)
-        self.temperature = temperature
+        super().__init__(temperature=temperature, symmetric=symmetric, reduction=reduction,
+                         process_group=process_group, exchange=exchange, backend=backend)
         self.logit_scale = (torch.nn.Parameter(torch.tensor(1.0 / temperature))
                             if learn_logit_scale else None)
-        self.symmetric = symmetric
-        self.reduction = reduction
-        self.process_group = process_group
-        self.exchange = exchange
-        self.backend = backend
 
     def forward(self, query, key, labels=None, negatives=None):
-        return info_nce(query, key, temperature=self.temperature, logit_scale=self.logit_scale,
-                        labels=labels, negatives=negatives, symmetric=self.symmetric,
-                        reduction=self.reduction, process_group=self.process_group,
-                        exchange=self.exchange, backend=self.backend)
+        return info_nce(query, key, logit_scale=self.logit_scale, labels=labels,
+                        negatives=negatives, **self.loss_options())
 
     def extra_repr(self):
-        return (f"temperature={self.temperature}, symmetric={self.symmetric}, "
-                f"reduction={self.reduction!r}, backend={self.backend!r}")
+        learnt = ", learn_logit_scale=True" if self.logit_scale is not None else ""
+        return super().extra_repr() + learnt

@@ -27,6 +27,7 @@ import torch
 
 from . import _backends, _checks, _library, reference
 from ._library import Op, acc_dtype
+from ._module import LossModule
 from .cross_entropy import (CROSS_ENTROPY, CROSS_ENTROPY_INPLACE, check_options,
                             check_process_group_backend, kernel_args, with_extras)
 
@@ -379,56 +380,42 @@ def _vocab_parallel(input, linear_weight, linear_bias, target, weight, token_wei
     return with_extras(loss.to(input.dtype), lse, entropy, o, return_lse, return_entropy)
 
 
-class LinearCrossEntropyLoss(torch.nn.Module):
+class LinearCrossEntropyLoss(LossModule):
     """Drop-in for torch.nn.LinearCrossEntropyLoss: it owns the linear layer as torch's
     does (same constructor arguments, same state_dict keys: linear.weight, linear.bias,
-    weight), plus fusedloss's extras. forward(input, target, token_weight=None)."""
+    weight), plus fusedloss's extras. forward(input, target, token_weight=None).
+    With a process_group, num_classes is this rank's slice (see linear_cross_entropy)."""
 
     def __init__(self, in_features, num_classes, *, out_features=(), bias=False, device=None,
                  dtype=None, reduction="mean", weight=None, ignore_index=None,
                  label_smoothing=0.0, options=None, z_loss=0.0, softcap=None, logit_scale=1.0,
                  return_lse=False, return_entropy=False, chunk_size=None, process_group=None,
                  backend="auto"):
-        super().__init__()
-        _checks.reduction_code(reduction)
         if weight is not None and tuple(weight.shape) != (num_classes,):
             raise ValueError(f"weight must have shape ({num_classes},), got "
                              f"{tuple(weight.shape)}")
         _checks.number("label_smoothing", label_smoothing, low=0.0, high=1.0)
-        self.register_buffer("weight", weight)
+        super().__init__(weight=weight, reduction=reduction, ignore_index=ignore_index,
+                         label_smoothing=label_smoothing, options=options, z_loss=z_loss,
+                         softcap=softcap, logit_scale=logit_scale, return_lse=return_lse,
+                         return_entropy=return_entropy, chunk_size=chunk_size,
+                         process_group=process_group, backend=backend)
         self.num_classes = num_classes
         self.out_features = tuple(out_features)
-        self.reduction = reduction
-        self.ignore_index = ignore_index
-        self.label_smoothing = label_smoothing
-        self.options = options
         # torch.nn.Linear cannot hold a multi-dimensional weight: it is stored flat, as in
         # torch's module, and reshaped in forward.
         self.linear = torch.nn.Linear(in_features, math.prod(self.out_features, start=num_classes),
                                       bias=bias, device=device, dtype=dtype)
-        self.z_loss = z_loss
-        self.softcap = softcap
-        self.logit_scale = logit_scale
-        self.return_lse = return_lse
-        self.return_entropy = return_entropy
-        self.chunk_size = chunk_size
-        # Vocab-parallel: num_classes is this rank's slice (see linear_cross_entropy).
-        self.process_group = process_group
-        self.backend = backend
 
     def forward(self, input, target, token_weight=None):
         shape = (self.num_classes, *self.out_features)
+        bias = self.linear.bias.reshape(shape) if self.linear.bias is not None else None
         return linear_cross_entropy(
             input, self.linear.weight.reshape(*shape, self.linear.in_features), target,
-            linear_bias=self.linear.bias.reshape(shape) if self.linear.bias is not None
-            else None, weight=self.weight, reduction=self.reduction,
-            ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
-            z_loss=self.z_loss, softcap=self.softcap, logit_scale=self.logit_scale,
-            token_weight=token_weight, return_lse=self.return_lse,
-            return_entropy=self.return_entropy, chunk_size=self.chunk_size,
-            options=self.options, process_group=self.process_group, backend=self.backend)
+            linear_bias=bias, token_weight=token_weight, **self.loss_options())
 
     def extra_repr(self):
-        return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
-                f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
-                f"reduction={self.reduction!r}, backend={self.backend!r}")
+        return ", ".join(filter(None, (
+            f"in_features={self.linear.in_features}, num_classes={self.num_classes}",
+            f"out_features={self.out_features}" if self.out_features else "",
+            "bias=True" if self.linear.bias is not None else "", super().extra_repr())))

@@ -14,6 +14,7 @@ import torch
 
 from . import _backends, _checks, _library, reference
 from ._library import Op, acc_dtype, grad_output, loss_output
+from ._module import LossModule
 from .cross_entropy import mean_scale
 
 
@@ -66,21 +67,11 @@ def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none",
     return loss.view(inputs.shape) if red == 0 else loss
 
 
-class SigmoidFocalLoss(torch.nn.Module):
+class SigmoidFocalLoss(LossModule):
     """Module form of fusedloss.sigmoid_focal_loss (same arguments)."""
 
     def __init__(self, alpha=0.25, gamma=2.0, reduction="none", *, backend="auto"):
-        super().__init__()
-        _checks.reduction_code(reduction)
-        self.alpha = alpha
-        self.gamma = gamma
-        self.reduction = reduction
-        self.backend = backend
+        super().__init__(alpha=alpha, gamma=gamma, reduction=reduction, backend=backend)
 
     def forward(self, inputs, targets):
-        return sigmoid_focal_loss(inputs, targets, self.alpha, self.gamma, self.reduction,
-                                  backend=self.backend)
-
-    def extra_repr(self):
-        return (f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}, "
-                f"backend={self.backend!r}")
+        return sigmoid_focal_loss(inputs, targets, **self.loss_options())
