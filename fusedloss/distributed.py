@@ -90,6 +90,17 @@ class VocabSlice:
                 max=weight.shape[0] - 1)
             self.weight_local = self.weight.index_select(0, idx)
 
+    def check_targets(self, target):
+        """Class indices outside every rank's classes raise where reading them is free
+        (CPU tensors); on a GPU their rows get a NaN loss and gradient instead."""
+        if target.is_floating_point() or target.device.type != "cpu":
+            return
+        bad = (target != self.o.ignore_index) & ((target < 0) | (target >= self.n_classes))
+        if bool(bad.any()):
+            raise IndexError(f"target contains the class index {int(target[bad][0])}, outside "
+                             f"[0, {int(self.n_classes)}) (the classes of every rank) and not "
+                             f"ignore_index ({self.o.ignore_index})")
+
     def transform_into(self, x, out):
         """out (the accumulation dtype) = z = the transformed logits x."""
         torch.mul(x, self.o.logit_scale, out=out)
@@ -286,12 +297,7 @@ def cross_entropy(x, target_k, weight, row_weight, loss_scale, o, entropy, group
     (B, S) or this slice's probabilities (B, C_local, S). Returns (loss, lse, entropy)."""
     sl = VocabSlice(group, x, x.shape[1], [x.shape[0], x.shape[2]], o, weight,
                     "cross_entropy")
-    if not target_k.is_floating_point() and target_k.device.type == "cpu":
-        bad = (target_k != o.ignore_index) & ((target_k < 0) | (target_k >= sl.n_classes))
-        if bool(bad.any()):
-            raise IndexError(f"target contains the class index {int(target_k[bad][0])}, "
-                             f"outside [0, {int(sl.n_classes)}) (the classes of every rank) "
-                             f"and not ignore_index ({o.ignore_index})")
+    sl.check_targets(target_k)
     rw = row_weight.view(target_k.shape[0], -1) if row_weight is not None else None
     return _VocabParallelCrossEntropy.apply(x, sl, target_k, rw, loss_scale, o.reduction,
                                             entropy)
@@ -389,12 +395,7 @@ def linear_cross_entropy(x, w, b, target_k, weight, row_weight, loss_scale, o, n
     # The same chunks on every rank: the smallest proposal (a host read of the exchanged
     # sizes; on a GPU pass chunk_size to avoid its synchronisation).
     chunk = chunk_size or int(sl.extra[:, 0].min())
-    if not target_k.is_floating_point() and target_k.device.type == "cpu":
-        bad = (target_k != o.ignore_index) & ((target_k < 0) | (target_k >= sl.n_classes))
-        if bool(bad.any()):
-            raise IndexError(f"target contains the class index {int(target_k[bad][0])}, "
-                             f"outside [0, {int(sl.n_classes)}) (the classes of every rank) "
-                             f"and not ignore_index ({o.ignore_index})")
+    sl.check_targets(target_k)
     target_k = target_k.view(n, n_classes, positions) if target_k.is_floating_point() \
         else target_k.view(n, positions)
     rw = row_weight.view(n, positions) if row_weight is not None else None
