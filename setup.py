@@ -6,26 +6,67 @@ this build generates their C++ view, build/generated/fusedloss_schemas.h (one st
 per op, see csrc/common/op_boxing.h), so the C++ kernels read the same schemas.
 
 Environment variables:
-  FUSEDLOSS_CUDA_ARCHS   compute capabilities for the CUDA build, ';'-separated
-                         (default "8.0;9.0"; CI uses "9.0" to keep the build short)
+  FUSEDLOSS_CUDA_ARCHS   compute capabilities for the CUDA build, ';'-separated. Default
+                         "9.0" (DEFAULT_CUDA_ARCHS): the H100/H200 this project targets,
+                         one architecture, as each one adds the device compilation of every
+                         .cu file again; e.g. "8.0;9.0" adds the A100
   FUSEDLOSS_NO_CUDA=1    skip the CUDA extension even where it could be built
   FUSEDLOSS_NO_EXT=1     build no extension at all (the package keeps its reference
                          and Triton paths)
-  MAX_JOBS               parallel compile jobs (default: bounded by cores and memory)
+  MAX_JOBS               parallel compile jobs (default: the cores, at most one per 3 GiB
+                         of memory); ninja (requirements.txt) runs them
+
+Progress: pip shows a build's output only with -v or when the build fails, so the
+`[fusedloss setup]` lines (what is built, for which architectures, what is skipped and
+why, each source compiled, the time each extension took) are written to the terminal
+(/dev/tty) as well as to stderr whenever stderr is not itself the terminal.
+
+The version is fusedloss.__version__ (fusedloss/__init__.py), read from there.
 """
 import glob
 import os
+import re
 import shutil
 import sys
+import threading
+import time
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 GENERATED = os.path.join(ROOT, "build", "generated")
+DEFAULT_CUDA_ARCHS = "9.0"
+# Python packages and their source folders: the Triton kernels and the benchmark runner
+# live at the top of the repository and install as fusedloss.kernels, fusedloss.benchmarks.
+PACKAGE_DIRS = {"fusedloss": "fusedloss", "fusedloss.kernels": "kernels",
+                "fusedloss.benchmarks": "benchmarks"}
 
 
 def _log(msg):
-    print(f"[fusedloss setup] {msg}", file=sys.stderr, flush=True)
+    """A `[fusedloss setup]` line on stderr (pip's log) and, when stderr is not the
+    terminal (pip captures it), on the terminal too."""
+    line = f"[fusedloss setup] {msg}"
+    print(line, file=sys.stderr, flush=True)
+    if sys.stderr.isatty():
+        return
+    try:
+        with open("/dev/tty", "w") as tty:
+            # A line of its own; the trailing space is for pip's spinner, which
+            # overwrites the last character of the line it spins on.
+            tty.write(f"\n{line} ")
+    except OSError:  # no controlling terminal (CI): stderr is the log
+        pass
+
+
+def _version():
+    with open(os.path.join(ROOT, "fusedloss", "__init__.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
+def _packages():
+    """Every package under PACKAGE_DIRS, subpackages included (fusedloss.integrations...)."""
+    return [name + (f".{sub}" if sub else "") for name, folder in PACKAGE_DIRS.items()
+            for sub in ["", *find_packages(os.path.join(ROOT, folder))]]
 
 
 def _find_cuda_home():
@@ -43,7 +84,9 @@ def _find_cuda_home():
 
 
 def _default_max_jobs():
-    cores = os.cpu_count() or 1
+    # The cores this process may run on (taskset, cpusets), not all the machine has.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        os.cpu_count() or 1
     try:
         mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError):
@@ -108,27 +151,75 @@ def _sources(*patterns):
                   for p in glob.glob(os.path.join(ROOT, "csrc", pattern)))
 
 
+def _build_ext(BuildExtension, notes):
+    """torch's BuildExtension (ninja), which first writes the schema header and says what it
+    builds, then reports each source as it is compiled and the time each extension took."""
+    class BuildExt(BuildExtension):
+        def run(self):
+            for note in notes:
+                _log(note)
+            _write_if_changed(os.path.join(GENERATED, "fusedloss_schemas.h"), schema_header())
+            super().run()
+
+        def build_extension(self, ext):
+            started = time.time()
+            _log(f"{ext.name}: compiling {len(ext.sources)} sources, "
+                 f"{os.environ['MAX_JOBS']} at a time.")
+            objects = self.compiler.object_filenames(ext.sources, output_dir=self.build_temp)
+            compiled, stop = [], threading.Event()
+            watcher = threading.Thread(target=self._watch, daemon=True,
+                                       args=(ext, dict(zip(objects, ext.sources)), started,
+                                             compiled, stop))
+            watcher.start()
+            try:
+                super().build_extension(ext)
+            finally:
+                stop.set()
+                watcher.join()
+            _log(f"{ext.name}: built in {time.time() - started:.0f} s ({len(compiled)} of "
+                 f"{len(ext.sources)} sources compiled, the others were up to date).")
+
+        @staticmethod
+        def _watch(ext, sources, started, compiled, stop):
+            """Report each object file ninja writes (its compile finished)."""
+            while True:
+                stopped = stop.wait(1.0)
+                for obj, src in sources.items():
+                    if src not in compiled and os.path.exists(obj) and \
+                            os.path.getmtime(obj) >= started - 1:
+                        compiled.append(src)
+                        _log(f"{ext.name}: compiled {src} ({len(compiled)}/{len(sources)}, "
+                             f"{time.time() - started:.0f} s)")
+                if stopped:
+                    return
+    return BuildExt
+
+
 def _extensions():
     """Return (ext_modules, cmdclass), with a clear message for every part skipped."""
     if os.environ.get("FUSEDLOSS_NO_EXT") == "1":
-        _log("FUSEDLOSS_NO_EXT=1: building no C++ extension (reference and Triton only).")
+        print("[fusedloss setup] FUSEDLOSS_NO_EXT=1: building no C++ extension (reference "
+              "and Triton only).", file=sys.stderr)
         return [], {}
     cuda_home = _find_cuda_home()
     if cuda_home:
         os.environ.setdefault("CUDA_HOME", cuda_home)
     try:
         import torch
-        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+        from torch.utils.cpp_extension import (BuildExtension, CppExtension, CUDAExtension,
+                                               is_ninja_available)
     except ImportError as exc:
         # Never a silent skip: without the extension `auto` would quietly run the slow
         # reference path.
         raise RuntimeError(
             f"[fusedloss setup] torch is not importable here ({exc}), so the C++ extension "
             "cannot be built. Install torch first and build with --no-build-isolation "
-            "(pip install --no-build-isolation -e .), or set FUSEDLOSS_NO_EXT=1 to install "
-            "without it.") from exc
+            "(pip install --no-build-isolation -e . or pip install --no-build-isolation .), "
+            "or set FUSEDLOSS_NO_EXT=1 to install without it.") from exc
 
-    _write_if_changed(os.path.join(GENERATED, "fusedloss_schemas.h"), schema_header())
+    # Said once, when build_ext runs (setup.py itself runs once per pip hook).
+    notes = [] if is_ninja_available() else [
+        "ninja was not found (pip install ninja): the sources compile one at a time."]
     os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
     cxx_flags = ["-O3", "-std=c++20"]
     if sys.platform.startswith("linux"):
@@ -148,13 +239,13 @@ def _extensions():
     elif not cuda_home or not os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
         skip_why = "nvcc was not found (set CUDA_HOME to the CUDA toolkit)"
     if skip_why:
-        _log(f"skipping the CUDA extension: {skip_why}. The CPU extension, the Triton "
-             "kernels and the reference path are unaffected.")
+        notes.append(f"skipping the CUDA extension: {skip_why}. The CPU extension, the "
+                     "Triton kernels and the reference path are unaffected.")
     else:
-        archs = os.environ.get("FUSEDLOSS_CUDA_ARCHS", "8.0;9.0")
+        archs = os.environ.get("FUSEDLOSS_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
-        _log(f"building the CUDA extension with nvcc from {cuda_home} for arch(s) {archs} "
-             f"(MAX_JOBS={os.environ['MAX_JOBS']}).")
+        notes.append(f"building the CUDA extension with nvcc from {cuda_home} for arch(s) "
+                     f"{archs} (FUSEDLOSS_CUDA_ARCHS; default {DEFAULT_CUDA_ARCHS}).")
         exts.append(CUDAExtension(
             "fusedloss._C_cuda", _sources("cuda/*.cu", "cuda/*.cpp"), include_dirs=include_dirs,
             extra_compile_args={
@@ -162,22 +253,22 @@ def _extensions():
                 "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo",
                          "--expt-relaxed-constexpr"],
             }))
-    return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return exts, {"build_ext": _build_ext(BuildExtension, notes)}
 
 
 ext_modules, cmdclass = _extensions()
 
 setup(
     name="fusedloss",
-    version="0.1.0",
+    version=_version(),
     description="Fused softmax cross-entropy, focal and InfoNCE losses for PyTorch "
                 "(Triton, CUDA C++ and CPU C++), checked against a pure-PyTorch reference.",
     python_requires=">=3.9",
-    packages=["fusedloss", "fusedloss.kernels", "fusedloss.benchmarks"],
-    package_dir={"fusedloss": "fusedloss", "fusedloss.kernels": "kernels",
-                 "fusedloss.benchmarks": "benchmarks"},
+    packages=_packages(),
+    package_dir=PACKAGE_DIRS,
     install_requires=["torch>=2.5"],
-    extras_require={"bench": ["matplotlib", "tqdm"], "test": ["pytest"]},
+    extras_require={"bench": ["matplotlib", "tqdm"], "test": ["pytest"],
+                    "transformers": ["transformers"]},
     entry_points={"console_scripts": ["fusedloss-bench=fusedloss.benchmarks.__main__:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

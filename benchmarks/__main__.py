@@ -4,6 +4,9 @@
     python -m benchmarks --loss cross_entropy --shapes 4096x32000 --label-smoothing 0.1
     python -m benchmarks --providers cpu torch --repeats 3 --out /tmp/bench
     python -m benchmarks --plot-only benchmarks/results/latest-cpu.json
+
+Results, table and plots go to ./fusedloss-bench-results/ under the current directory, or
+to --out DIR (--out benchmarks/results refreshes the committed results of a checkout).
 """
 import argparse
 import datetime
@@ -53,21 +56,30 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int,
                    help="timed steps per provider (default "
                         f"{measure.REPEATS['cpu']} on a CPU, {measure.REPEATS['cuda']} on a GPU)")
-    p.add_argument("--out", type=Path, help="results directory (default benchmarks/results/)")
+    p.add_argument("--out", type=Path,
+                   help="results directory (default ./fusedloss-bench-results/ under the "
+                        "current directory; the committed benchmarks/results/ only when "
+                        "named here)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--plot-only", type=Path, metavar="FILE",
                    help="re-plot a results .json/.csv (next to it) and print its table")
     p.add_argument("--list", action="store_true", help="print the plan and exit")
+    p.add_argument("--skip-suite", choices=["quick", "full"],
+                   help="leave out the cases of that suite (run --quick, then --full "
+                        "--skip-suite quick)")
+    p.add_argument("--time-budget", type=float, metavar="S",
+                   help="start no case that would likely end past S seconds (elapsed plus "
+                        "the longest case so far); the cases left are listed as not run")
     args = p.parse_args(argv)
     args.loss, args.dtype, args.providers = map(_names, (args.loss, args.dtype, args.providers))
     return args
 
 
 def default_out_dir():
-    """benchmarks/results/ of a source checkout; ./fusedloss-bench-results otherwise (an
-    installed package must not write into site-packages)."""
-    here = Path(__file__).resolve().parent
-    return here / "results" if (here.parent / ".git").exists() else Path("fusedloss-bench-results")
+    """./fusedloss-bench-results/ under the current directory, from a checkout or an
+    installed package alike: a run never writes over the committed benchmarks/results/
+    (nor into site-packages) unless --out names it."""
+    return Path.cwd() / "fusedloss-bench-results"
 
 
 def _git_commit():
@@ -128,6 +140,9 @@ def main(argv=None):
                                    label_smoothing=args.label_smoothing,
                                    ignore_frac=args.ignore_frac, symmetric=args.symmetric,
                                    d=args.hidden)
+    if args.skip_suite:
+        skip = set(cases_mod.select_cases(device, args.skip_suite, args.loss, args.dtype))
+        cases = [case for case in cases if case not in skip]
     runs, notes = providers_mod.plan(providers_mod.select(args.providers), device, cases)
     repeats = args.repeats or measure.REPEATS[device]
     total = sum(len(able) for _, able in runs)
@@ -147,8 +162,15 @@ def main(argv=None):
             **_versions(), **measure.probe_device(device)}
     bar = _progress(total)
     rows = []
+    longest = 0.0
     try:
-        for case, able in runs:
+        for i, (case, able) in enumerate(runs):
+            case_started = time.perf_counter()
+            if args.time_budget is not None and \
+                    case_started - started + longest > args.time_budget:
+                notes += [f"{c.loss} {c.n}x{c.c} {c.dtype} {c.options}: past the time budget "
+                          f"({args.time_budget:g} s)" for c, _ in runs[i:]]
+                break
             bar.set_postfix_str(f"{case.loss} {case.n}x{case.c} {case.dtype} {case.options}")
             if case.world > 1:  # gloo ranks, each its own process
                 rows += distributed.run_case(case, able, repeats, measure.WARMUP[device],
@@ -157,6 +179,7 @@ def main(argv=None):
                 rows += measure.run_case_isolated(case, able, device, repeats,
                                                   measure.WARMUP[device],
                                                   on_row=lambda row: bar.update(1))
+            longest = max(longest, time.perf_counter() - case_started)
     finally:
         bar.close()
     rows = report.finalize(rows, meta)

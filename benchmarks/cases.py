@@ -2,24 +2,28 @@
 
 A case is one loss at one size, dtype and option set. `shape` is (N, C): N rows and C
 classes (the vocabulary V for cross-entropy) for the softmax losses, N anchors by C
-classes for sigmoid focal, N (query, key) pairs of dimension D = C for InfoNCE, and N
-tokens against a vocabulary of C for linear_cross_entropy, whose hidden size is `d`.
+classes for sigmoid focal, N (query, key) pairs of dimension D = C for InfoNCE, N (image,
+text) pairs of dimension D = C for SigLIP, and N tokens against a vocabulary of C for linear_cross_entropy, whose hidden size is `d`.
 """
 import dataclasses
 import itertools
 
 import torch
 
-LOSSES = ("cross_entropy", "focal", "sigmoid_focal", "info_nce", "linear_cross_entropy")
+LOSSES = ("cross_entropy", "focal", "sigmoid_focal", "info_nce", "linear_cross_entropy", "jsd",
+          "linear_jsd", "siglip", "llama_step")
 ALIASES = {"ce": "cross_entropy", "softmax_focal": "focal", "infonce": "info_nce",
-           "lce": "linear_cross_entropy", "flce": "linear_cross_entropy"}
+           "lce": "linear_cross_entropy", "flce": "linear_cross_entropy", "kl": "jsd",
+           "distill": "jsd", "fljsd": "linear_jsd"}
 IGNORE_INDEX = -100
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 # Axis labels for tables and plots: (what N is, what C is).
 AXES = {"cross_entropy": ("N rows", "V classes"), "focal": ("N rows", "C classes"),
         "sigmoid_focal": ("N anchors", "C classes"), "info_nce": ("N pairs", "D dim"),
-        "linear_cross_entropy": ("N tokens", "V classes")}
+        "linear_cross_entropy": ("N tokens", "V classes"), "jsd": ("N rows", "V classes"),
+        "linear_jsd": ("N tokens", "V classes"), "siglip": ("N pairs", "D dim"),
+        "llama_step": ("N tokens", "V vocabulary")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +38,7 @@ class Case:
     d: int = 0                     # linear_cross_entropy: the hidden size
     world: int = 1                 # > 1: that many gloo ranks (benchmarks/distributed.py)
     exchange: str = ""             # info_nce across ranks: "all_gather" or "ring"
+    beta: float = 0.5              # jsd, linear_jsd: 0 forward KL, 1 reverse KL
 
     @property
     def torch_dtype(self):
@@ -49,6 +54,8 @@ class Case:
             parts.append(f"ign={self.ignore_frac:.0%}")
         if self.symmetric:
             parts.append("sym")
+        if self.loss in ("jsd", "linear_jsd"):
+            parts.append(f"beta={self.beta:g}")
         if self.world > 1:
             parts.append(f"P={self.world}" + (f" {self.exchange}" if self.exchange else ""))
         return " ".join(parts)
@@ -61,6 +68,10 @@ class Case:
             return {"gamma": 2.0, "ignore_index": IGNORE_INDEX}
         if self.loss == "sigmoid_focal":
             return {"alpha": 0.25, "gamma": 2.0, "reduction": "mean"}
+        if self.loss in ("jsd", "linear_jsd"):
+            return {"beta": self.beta, "temperature": 1.0, "ignore_index": IGNORE_INDEX}
+        if self.loss == "siglip":
+            return {}  # reduction "mean", open_clip's
         return {"temperature": 0.07, "symmetric": self.symmetric}
 
     def make_inputs(self, device, rank=0):
@@ -76,14 +87,28 @@ class Case:
             return x, self._class_targets(device, gen)
         if self.world > 1:  # info_nce: every rank its own rows
             gen.manual_seed(rank)
-        if self.loss == "linear_cross_entropy":
+        if self.loss in ("linear_cross_entropy", "linear_jsd"):
             x = torch.randn(n, self.d, device=device, generator=gen).to(dtype)
             w = (torch.randn(c, self.d, device=device, generator=gen) / self.d ** 0.5).to(dtype)
+            if self.loss == "linear_jsd":  # a frozen teacher of the same sizes
+                xt = torch.randn(n, self.d, device=device, generator=gen).to(dtype)
+                wt = (torch.randn(c, self.d, device=device, generator=gen)
+                      / self.d ** 0.5).to(dtype)
+                return (x.requires_grad_(), w.requires_grad_(), xt, wt,
+                        self._class_targets(device, gen))
             return x.requires_grad_(), w.requires_grad_(), self._class_targets(device, gen)
-        if self.loss == "info_nce":
+        if self.loss == "jsd":  # student logits (trained) and a frozen teacher's
+            s = torch.randn(n, c, device=device, dtype=dtype, generator=gen).requires_grad_()
+            t = torch.randn(n, c, device=device, dtype=dtype, generator=gen)
+            return s, t, self._class_targets(device, gen)
+        if self.loss in ("info_nce", "siglip"):
             q, k = (torch.nn.functional.normalize(
                 torch.randn(n, c, device=device, generator=gen), dim=1).to(dtype)
                 for _ in range(2))
+            if self.loss == "siglip":  # image, text, and SigLIP's initial scale and bias
+                return (q.requires_grad_(), k.requires_grad_(),
+                        torch.tensor(10.0, device=device, requires_grad=True),
+                        torch.tensor(-10.0, device=device, requires_grad=True))
             return q.requires_grad_(), k.requires_grad_()
         x = torch.randn(n, c, device=device, dtype=dtype, generator=gen).requires_grad_()
         if self.loss == "sigmoid_focal":
@@ -105,7 +130,11 @@ class Case:
         s = self.torch_dtype.itemsize
         if self.loss == "linear_cross_entropy":  # read x, W; write their gradients
             return 2 * (self.n + self.c) * self.d * s + 8 * self.n
-        if self.loss == "info_nce":
+        if self.loss == "linear_jsd":  # the student's as above, and read the teacher's
+            return 3 * (self.n + self.c) * self.d * s + 8 * self.n
+        if self.loss == "jsd":  # read both logits, write the student's gradient
+            return 3 * self.n * self.c * s + 8 * self.n
+        if self.loss in ("info_nce", "siglip"):
             return 2 * 2 * self.n * self.c * s      # read q, k; write dq, dk
         if self.loss == "sigmoid_focal":
             return 3 * self.n * self.c * s          # read x, targets; write dx
@@ -116,12 +145,51 @@ class Case:
         cross-entropy (logits, dx, dW: 3 x 2 N D V); 0 for the rest."""
         if self.loss == "linear_cross_entropy":
             return 6 * self.n * self.d * self.c
-        return 6 * self.n * self.n * self.c * self.world if self.loss == "info_nce" else 0
+        if self.loss == "linear_jsd":  # both heads' logits, then dx and dW of the student
+            return 8 * self.n * self.d * self.c
+        return 6 * self.n * self.n * self.c * self.world \
+            if self.loss in ("info_nce", "siglip") else 0
 
 
 def _grid(loss, ns, cs, dtypes, **options):
     return [Case(loss, n, c, dtype, **options)
             for dtype, n, c in itertools.product(dtypes, ns, cs)]
+
+
+# ---------------------------------------------------------------- end to end: a training step
+# One training step of a small Llama through transformers (benchmarks/e2e.py), run by the
+# "hf*" providers only. Its sizes: N tokens in sequences of `seq`, vocabulary C, hidden d.
+@dataclasses.dataclass(frozen=True)
+class LlamaStep(Case):
+    seq: int = 512
+    layers: int = 4
+
+    def __post_init__(self):
+        if self.d < 1 or self.n % self.seq:
+            raise ValueError(f"a llama_step case needs a hidden size d >= 1 and N a multiple "
+                             f"of seq={self.seq}, got d={self.d}, N={self.n}")
+
+    @property
+    def options(self):
+        return f"D={self.d} L={self.layers} T={self.seq}"
+
+    def sizes(self):
+        return dict(batch=self.n // self.seq, seq=self.seq, hidden=self.d, layers=self.layers,
+                    vocab=self.c)
+
+    def make_inputs(self, device, rank=0):
+        """The token ids, which are the labels too: (N / seq, seq)."""
+        from . import e2e
+        s = self.sizes()
+        return (e2e.token_ids(s["batch"], s["seq"], s["vocab"], device),)
+
+    def min_bytes(self):
+        from . import e2e
+        return e2e.step_min_bytes(**self.sizes(), itemsize=self.torch_dtype.itemsize)
+
+    def flops(self):
+        from . import e2e
+        return e2e.step_flops(**self.sizes())
 
 
 # The one table of cases: (device type, suite) -> cases. A CPU runs float32 only.
@@ -132,6 +200,7 @@ DISTRIBUTED = [
     *[Case("cross_entropy", 4096, 32000, world=p, ignore_frac=0.25) for p in (2, 4)],
     *[Case("info_nce", 2048, 512, symmetric=True, world=p, exchange=x)
       for p in (2, 4) for x in ("all_gather", "ring")],
+    *[Case("siglip", 2048, 512, world=2, exchange=x) for x in ("all_gather", "ring")],
 ]
 
 SUITES = {
@@ -149,7 +218,13 @@ SUITES = {
         Case("linear_cross_entropy", 4096, 32000, d=512, ignore_frac=1 / 7),
         Case("linear_cross_entropy", 4096, 32000, d=512, label_smoothing=0.1,
              ignore_frac=1 / 7),
+        # Distillation: the JSD target case, forward KL, and both heads fused.
+        Case("jsd", 4096, 32000),
+        Case("jsd", 4096, 32000, beta=0.0, ignore_frac=1 / 7),
+        Case("linear_jsd", 4096, 32000, d=512),
+        Case("siglip", 8192, 512),  # the tiled SigLIP's target case
         *DISTRIBUTED,
+        LlamaStep("llama_step", 8 * 512, 32000, d=256),  # end to end: one training step
     ],
     ("cpu", "full"): [
         *_grid("cross_entropy", [1024], [8192, 16384, 32000, 65536, 128256], ["float32"]),
@@ -163,7 +238,13 @@ SUITES = {
         *_grid("linear_cross_entropy", [4096], [8192, 16384, 32000], ["float32"], d=512,
                ignore_frac=1 / 7),
         *_grid("linear_cross_entropy", [8192], [32000], ["float32", "bfloat16"], d=1024),
+        *_grid("jsd", [4096], [8192, 16384, 32000], ["float32"]),
+        *_grid("jsd", [4096], [32000], ["float32"], beta=0.0),
+        *_grid("jsd", [4096], [32000], ["float32"], beta=1.0),
+        *_grid("linear_jsd", [4096], [8192, 16384, 32000], ["float32"], d=512),
+        *_grid("siglip", [2048, 4096, 8192], [512], ["float32"]),
         *DISTRIBUTED,
+        LlamaStep("llama_step", 8 * 512, 32000, d=256),
     ],
     ("cuda", "quick"): [
         *_grid("cross_entropy", [4096], [32000, 128256, 256000], ["bfloat16"]),
@@ -173,6 +254,10 @@ SUITES = {
         Case("sigmoid_focal", 262144, 80, "bfloat16"),
         *_grid("info_nce", [16384, 65536], [512], ["bfloat16"], symmetric=True),
         Case("linear_cross_entropy", 16384, 128256, "bfloat16", d=4096),
+        Case("jsd", 4096, 128256, "bfloat16"),
+        Case("linear_jsd", 8192, 128256, "bfloat16", d=4096),
+        *_grid("siglip", [16384, 65536], [512], ["bfloat16"]),
+        LlamaStep("llama_step", 8 * 512, 32000, "bfloat16", d=256),
     ],
     ("cuda", "full"): [
         *_grid("cross_entropy", [4096], [32000, 50257, 128256, 151936, 256000],
@@ -191,6 +276,12 @@ SUITES = {
         *_grid("linear_cross_entropy", [4096, 8192, 16384], [128256], ["bfloat16"], d=4096),
         Case("linear_cross_entropy", 16384, 128256, "bfloat16", d=4096, label_smoothing=0.1,
              ignore_frac=0.25),
+        *_grid("jsd", [4096], [32000, 128256, 256000], ["bfloat16", "float32"]),
+        *_grid("jsd", [4096], [128256], ["bfloat16"], beta=0.0),
+        *_grid("linear_jsd", [4096, 8192, 16384], [128256], ["bfloat16"], d=4096),
+        *_grid("siglip", [16384, 32768, 65536], [512], ["bfloat16"]),
+        Case("siglip", 16384, 512, "float32"),
+        LlamaStep("llama_step", 8 * 512, 32000, "bfloat16", d=256),
     ],
 }
 
@@ -224,7 +315,9 @@ def select_cases(device_type, suite, losses=None, dtypes=None, shapes=None, **op
 
 OPTIONS_OF = {"cross_entropy": ("label_smoothing", "ignore_frac"), "focal": ("ignore_frac",),
               "sigmoid_focal": (), "info_nce": ("symmetric",),
-              "linear_cross_entropy": ("label_smoothing", "ignore_frac", "d")}
+              "linear_cross_entropy": ("label_smoothing", "ignore_frac", "d"),
+              "jsd": ("ignore_frac",), "linear_jsd": ("ignore_frac", "d"), "siglip": (),
+              "llama_step": ()}  # --shapes builds a plain Case: the hf providers refuse it
 
 
 def _canonical(name, aliases, names, what):

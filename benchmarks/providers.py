@@ -22,7 +22,8 @@ from .cases import IGNORE_INDEX
 
 FUSEDLOSS_FUNCTIONS = {"cross_entropy": "cross_entropy", "focal": "focal_loss",
                        "sigmoid_focal": "sigmoid_focal_loss", "info_nce": "info_nce",
-                       "linear_cross_entropy": "linear_cross_entropy"}
+                       "linear_cross_entropy": "linear_cross_entropy", "jsd": "jsd",
+                       "linear_jsd": "linear_jsd", "siglip": "siglip_loss"}
 
 
 # ---------------------------------------------------------------- eager PyTorch baselines
@@ -53,9 +54,40 @@ def info_nce_torch(query, key, temperature, symmetric):
     return (loss + F.cross_entropy(logits.T, labels)) / 2 if symmetric else loss
 
 
+def siglip_torch(image, text, logit_scale, logit_bias):
+    """open_clip's SigLipLoss: the N x N logits and labels, logsigmoid, sum / N."""
+    logits = logit_scale * image @ text.T + logit_bias
+    n = image.shape[0]
+    labels = 2 * torch.eye(n, device=image.device, dtype=image.dtype) - 1
+    return -F.logsigmoid(labels * logits).sum() / n
+
+
 def linear_cross_entropy_torch(x, w, target, **kwargs):
     """The LM head and its loss as eager PyTorch composes them: the whole logits."""
     return F.cross_entropy(F.linear(x, w), target, **kwargs)
+
+
+def jsd_torch(student, teacher, target, beta, temperature, ignore_index):
+    """Distillation as eager PyTorch composes it: two log_softmaxes and F.kl_div (forward
+    KL at beta 0, reverse at 1, the mixture's two KL terms otherwise), then the mean over
+    the counted rows."""
+    log_s = F.log_softmax(student / temperature, -1)
+    log_t = F.log_softmax(teacher / temperature, -1)
+    if beta == 0:
+        rows = F.kl_div(log_s, log_t, reduction="none", log_target=True).sum(-1)
+    elif beta == 1:
+        rows = F.kl_div(log_t, log_s, reduction="none", log_target=True).sum(-1)
+    else:
+        log_m = torch.log(beta * log_t.exp() + (1 - beta) * log_s.exp())
+        rows = (beta * F.kl_div(log_m, log_t, reduction="none", log_target=True)
+                + (1 - beta) * F.kl_div(log_m, log_s, reduction="none", log_target=True)).sum(-1)
+    counted = target != ignore_index
+    return (rows * counted).sum() / counted.sum()
+
+
+def linear_jsd_torch(xs, ws, xt, wt, target, **kwargs):
+    """Both LM heads' whole logits, then jsd_torch."""
+    return jsd_torch(F.linear(xs, ws), F.linear(xt, wt), target, **kwargs)
 
 
 def _eager(case):
@@ -63,7 +95,8 @@ def _eager(case):
     if case.loss == "cross_entropy":
         return torch.nn.CrossEntropyLoss(**kwargs)
     fn = {"focal": focal_torch, "sigmoid_focal": sigmoid_focal_torch,
-          "info_nce": info_nce_torch, "linear_cross_entropy": linear_cross_entropy_torch}
+          "info_nce": info_nce_torch, "linear_cross_entropy": linear_cross_entropy_torch,
+          "jsd": jsd_torch, "linear_jsd": linear_jsd_torch, "siglip": siglip_torch}
     return functools.partial(fn[case.loss], **kwargs)
 
 
@@ -79,10 +112,14 @@ def _fusedloss(backend, case):
 
 
 def _fusedloss_unavailable(backend, device_type, case):
-    from fusedloss import _backends
+    import fusedloss  # noqa: F401  (defines the ops)
+    from fusedloss import _backends, _library
     if backend == "triton" and (device_type == "cpu" or _backends.triton_interpret()):
         return "Triton on CPU tensors (TRITON_INTERPRET=1) is the interpreter: never timed"
-    return _backends.unavailable_reason(backend, device_type)
+    # The loss's op, where one has the loss's name or its function's: a backend that does
+    # not implement it (siglip and jsd have no CUDA C++ kernel) is left out, not an error.
+    op = _library.OPS.get(case.loss) or _library.OPS.get(FUSEDLOSS_FUNCTIONS.get(case.loss))
+    return _backends.unavailable_reason(backend, device_type, op)
 
 
 def _fusedloss_inplace(backend, case):
@@ -114,6 +151,17 @@ def _torch_lce_unavailable(chunked, device_type, case):
 
 # ---------------------------------------------------------------- peer libraries
 def _liger(case):
+    if case.loss in ("jsd", "linear_jsd"):
+        kw = case.loss_kwargs()
+        if case.loss == "linear_jsd":
+            from liger_kernel.transformers import LigerFusedLinearJSD
+            return LigerFusedLinearJSD(jsd_beta=kw["beta"], ignore_index=kw["ignore_index"],
+                                       temperature=kw["temperature"])
+        from liger_kernel.transformers import LigerJSD  # it takes log-probabilities
+        loss = LigerJSD(beta=kw["beta"], ignore_index=kw["ignore_index"])
+        t = kw["temperature"]
+        return lambda s, te, target: loss(F.log_softmax(s / t, -1), F.log_softmax(te / t, -1),
+                                          target)
     if case.loss == "linear_cross_entropy":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
         loss = LigerFusedLinearCrossEntropyLoss(**case.loss_kwargs())
@@ -127,7 +175,7 @@ def _liger_unavailable(device_type, case):
         return "liger-kernel is not installed (pip install liger-kernel)"
     if device_type != "cuda":
         return "liger-kernel runs on CUDA only"
-    if case.loss not in ("cross_entropy", "linear_cross_entropy"):
+    if case.loss not in ("cross_entropy", "linear_cross_entropy", "jsd", "linear_jsd"):
         return f"liger-kernel has no {case.loss} loss"
     return None
 
@@ -163,7 +211,8 @@ def _dist_fusedloss(case):
     if case.loss == "cross_entropy":
         return functools.partial(fusedloss.cross_entropy, process_group=group,
                                  **case.loss_kwargs())
-    return functools.partial(fusedloss.info_nce, process_group=group, exchange=case.exchange,
+    fn = fusedloss.siglip_loss if case.loss == "siglip" else fusedloss.info_nce
+    return functools.partial(fn, process_group=group, exchange=case.exchange,
                              **case.loss_kwargs())
 
 
@@ -177,6 +226,14 @@ def _dist_gather(case):
     if case.loss == "cross_entropy":
         def fn(x, target):
             return F.cross_entropy(torch.cat(all_gather(x), dim=1), target, **kwargs)
+        return fn
+    if case.loss == "siglip":  # open_clip's SigLipLoss with its gather exchange
+        def fn(image, text, logit_scale, logit_bias):
+            rank, n = dist.get_rank(), image.shape[0]
+            logits = logit_scale * image @ torch.cat(all_gather(text)).T + logit_bias
+            labels = -torch.ones_like(logits)
+            labels[:, rank * n:(rank + 1) * n] += 2 * torch.eye(n, dtype=logits.dtype)
+            return -F.logsigmoid(labels * logits).sum() / n
         return fn
 
     def fn(q, k):
@@ -204,6 +261,7 @@ class Provider:
     unavailable: Callable = _always      # (device type, case) -> why it cannot run, or None
     default: bool = True                 # run when --providers is not given
     distributed: bool = False            # runs on world > 1 cases (and only on them)
+    end_to_end: bool = False             # runs the llama_step case (and only it)
 
     # Module-level functions only (functools.partial of them is fine): a Provider is
     # pickled into the worker process that measures a case.
@@ -262,8 +320,9 @@ def plan(providers, device_type, cases):
     for case in cases:
         able = []
         for p in providers:
-            if p.distributed != (case.world > 1):
-                continue  # the distributed providers run the world > 1 cases, and only they
+            if p.distributed != (case.world > 1) or p.end_to_end != (case.loss == "llama_step"):
+                continue  # the distributed (end-to-end) providers run the world > 1
+                #           (llama_step) cases, and only they
             why = p.unavailable(device_type, case)
             if why is None:
                 able.append(p)
@@ -271,3 +330,26 @@ def plan(providers, device_type, cases):
                 notes.setdefault(f"{p.name}: {why}", None)
         runs.append((case, able))
     return runs, list(notes)
+
+
+# ---------------------------------------------------------------- end to end: a training step
+# The llama_step case (cases.LlamaStep) is a training step of a small Llama through
+# transformers (benchmarks/e2e.py): these providers run it, and only they do.
+def _llama_step(name, case):
+    from . import e2e
+    return e2e.runner_step(case, name)
+
+
+def _llama_step_unavailable(device_type, case):
+    from .cases import LlamaStep
+    if importlib.util.find_spec("transformers") is None:
+        return "transformers is not installed (pip install transformers)"
+    if not isinstance(case, LlamaStep):
+        return ("llama_step runs the suites' sizes only; other sizes: "
+                "python -m benchmarks.e2e --help")
+    return None
+
+
+PROVIDERS += [Provider(name, functools.partial(_llama_step, name), _llama_step_unavailable,
+                       end_to_end=True)
+              for name in ("hf", "hf-fusedloss-ce", "hf-fusedloss-linear")]

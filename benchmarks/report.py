@@ -21,7 +21,7 @@ COLUMNS = [*META, *CASE, "provider", "status", *TIMES, "peak_mem_mib", "min_byte
 
 
 def _case_key(row):
-    return tuple(row[k] for k in CASE)
+    return tuple(row.get(k) for k in CASE)  # .get: results written before a column existed
 
 
 def finalize(rows, meta):
@@ -170,7 +170,9 @@ def _sweeps(rows):
 
 def plot(rows, out_dir, stem):
     """One PNG per sweep: fwd+bwd time (with its p20-p80 band) and peak memory against the
-    size, one line per provider (sizes that ran out of memory named in the legend).
+    size, one line per provider (sizes that ran out of memory named in the legend); and
+    <stem>-cases.png, bars for every case no sweep shows (<stem>-llama_step.png for the
+    end-to-end step), so that every run has its plots.
     Returns the paths written."""
     import matplotlib
     matplotlib.use("Agg")
@@ -178,7 +180,15 @@ def plot(rows, out_dir, stem):
     from matplotlib import ticker
 
     paths = []
-    for (axis, title, label), group in sorted(_sweeps(rows).items()):
+    sweeps = _sweeps(rows)
+    swept = {id(r) for group in sweeps.values() for r in group}
+    rest = [r for r in rows if id(r) not in swept]
+    # The end-to-end training step (seconds, not milliseconds) gets bars of its own.
+    for name, part in (("cases", [r for r in rest if r["loss"] != "llama_step"]),
+                       ("llama_step", [r for r in rest if r["loss"] == "llama_step"])):
+        if part:
+            paths.append(_bars(plt, part, Path(out_dir) / f"{stem}-{name}.png"))
+    for (axis, title, label), group in sorted(sweeps.items()):
         fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
         for provider in dict.fromkeys(r["provider"] for r in group):
             mine = sorted((r for r in group if r["provider"] == provider), key=lambda r: r[axis])
@@ -211,3 +221,43 @@ def plot(rows, out_dir, stem):
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _bars(plt, rows, path):
+    """fwd+bwd time (p20-p80 as error bars) and peak memory of each case, a bar per provider
+    (where a provider could not run a case, its status instead)."""
+    by_case = {_case_key(r): r for r in rows}
+    cases = list(by_case)
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    found = {(_case_key(r), r["provider"]): r for r in rows}
+    width = 0.8 / len(providers)
+    fig, (ax_t, ax_m) = plt.subplots(2, 1, sharex=True, figsize=(
+        min(30, max(7, 1.5 + 0.3 * len(cases) * len(providers))), 7))
+    for i, provider in enumerate(providers):
+        offset = (i - (len(providers) - 1) / 2) * width
+        mine = [(j + offset, found[case, provider]) for j, case in enumerate(cases)
+                if (case, provider) in found]
+        ok = [(x, r) for x, r in mine if r["status"] == "ok"]
+        for x, r in mine:  # what a log-scale bar cannot show, in words
+            ax, text = (ax_t, r["status"]) if r["status"] != "ok" else (ax_m, "0 MiB")
+            if r["status"] != "ok" or r["peak_mem_mib"] == 0:
+                ax.text(x, 0.02, text, rotation=90, ha="center", va="bottom",
+                        fontsize="small", transform=ax.get_xaxis_transform())
+        ax_t.bar([x for x, _ in ok], [r["fwdbwd_ms"] for _, r in ok], width, color=f"C{i}",
+                 label=provider, yerr=[[r["fwdbwd_ms"] - r["fwdbwd_ms_p20"] for _, r in ok],
+                                       [r["fwdbwd_ms_p80"] - r["fwdbwd_ms"] for _, r in ok]])
+        mem = [(x, r["peak_mem_mib"]) for x, r in ok if r["peak_mem_mib"]]
+        ax_m.bar([x for x, _ in mem], [m for _, m in mem], width, color=f"C{i}")
+    ax_t.legend(fontsize="small")
+    for ax, ylabel in ((ax_t, "fwd+bwd time (ms)"), (ax_m, "peak memory above inputs (MiB)")):
+        ax.set_yscale("log")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+    labels = [f"{r['loss']}\n{r['n']}x{r['c']} {r['dtype']}\n{r['options'] or ''}".strip()
+              for r in by_case.values()]
+    ax_m.set_xticks(range(len(cases)), labels, fontsize="small")
+    fig.suptitle(f"fwd+bwd time and peak memory per case ({rows[0]['device_name']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -5,13 +5,17 @@ from ._library import reusable_graph
 from .cross_entropy import CrossEntropyLoss, cross_entropy
 from .focal import FocalLoss, focal_loss
 from .info_nce import InfoNCELoss, info_nce
+from .jsd import JSDLoss, jsd
 from .linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy
+from .linear_jsd import LinearJSDLoss, linear_jsd
 from .sigmoid_focal import SigmoidFocalLoss, sigmoid_focal_loss
+from .siglip import SigLipLoss, siglip_loss
 
 __all__ = [
     "cross_entropy", "CrossEntropyLoss", "focal_loss", "FocalLoss", "sigmoid_focal_loss",
     "SigmoidFocalLoss", "info_nce", "InfoNCELoss", "linear_cross_entropy",
-    "LinearCrossEntropyLoss", "available_backends", "reusable_graph",
+    "LinearCrossEntropyLoss", "jsd", "JSDLoss", "linear_jsd", "LinearJSDLoss", "siglip_loss",
+    "SigLipLoss", "available_backends", "reusable_graph",
 ]
 __version__ = "0.1.0"
 

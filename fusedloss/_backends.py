@@ -116,14 +116,36 @@ def implementations(op):
     return ["reference", *op.backends]
 
 
+def reference_required(device):
+    """Why every backend runs the reference (torch ops) here, or None: on meta tensors
+    (only shapes exist, and the reference computes them), under a torch.func transform
+    (the kernel ops have no batching rule, and torch's autograd wrapper of a custom op
+    refuses functorch) and under torch.jit.trace (it would record the Python around the
+    ops, compute_grad included, as constants)."""
+    if torch.compiler.is_compiling():  # torch.compile traces the ops and their fakes
+        return None
+    if torch.device(device).type == "meta":
+        return "meta tensors"
+    if _library.functorch_active():
+        return "a torch.func transform"
+    if torch.jit.is_tracing():
+        return "torch.jit.trace"
+    return None
+
+
 def resolve(op, backend, device, needs_reference=None):
     """Map a user's `backend` argument to a concrete backend that runs `op` on `device`.
 
     needs_reference: a reason string when the call needs something only the reference
     path provides (e.g. a gradient for the target); "auto" then picks the reference and an
-    explicit kernel backend raises.
+    explicit kernel backend raises. Every backend runs the reference where
+    reference_required says so (meta tensors, torch.func transforms, torch.jit.trace).
     """
     device = torch.device(device)
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {list(BACKENDS)}, got {backend!r}")
+    if reference_required(device):
+        return "reference"
     if backend == "auto":
         if needs_reference:
             return "reference"
@@ -131,8 +153,6 @@ def resolve(op, backend, device, needs_reference=None):
             if unavailable_reason(name, device, op) is None:
                 return name
         return "reference"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {list(BACKENDS)}, got {backend!r}")
     why = unavailable_reason(backend, device, op)
     if why is not None:
         raise RuntimeError(

@@ -9,6 +9,9 @@ import numbers
 
 import torch
 
+from . import _backends, _library
+from ._library import acc_dtype
+
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -33,34 +36,66 @@ def floating(name, value):
     return value
 
 
+SYMBOLIC = (torch.SymInt, torch.SymFloat)
+
+
 def number(name, value, *, low=None, high=None, low_open=False, allow_none=False):
-    """A real Python number within [low, high] (low excluded when low_open)."""
+    """A real number within [low, high] (low excluded when low_open), as a float. Under
+    torch.compile with dynamic shapes a number may be symbolic (SymInt, SymFloat): it stays
+    symbolic, and the range checks become guards, so they neither specialise it nor break
+    the graph."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, *SYMBOLIC)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if math.isnan(value) or math.isinf(value):
+    value = torch.sym_float(value)
+    # Comparisons, not math.isnan: they hold for symbolic values too, and NaN fails them.
+    if not -math.inf < value < math.inf:
         raise ValueError(f"{name} must be finite, got {value}")
-    if low is not None and (value < low or (low_open and value == low)):
+    if low is not None and not (value > low if low_open else value >= low):
         bound = f"> {low}" if low_open else f">= {low}"
         raise ValueError(f"{name} must be {bound}, got {value}")
-    if high is not None and value > high:
+    if high is not None and not value <= high:
         raise ValueError(f"{name} must be <= {high}, got {value}")
     return value
 
 
 def integer(name, value):
-    """A Python int (not a bool), as torch's integer arguments."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """An int (not a bool), as torch's integer arguments; a SymInt under torch.compile."""
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     return value
 
 
-def same_dtype(name, value, ref, ref_name="input", why="they must match"):
-    if value.dtype != ref.dtype:
+def same_dtype(name, value, ref, ref_name="input", why="they must match", autocast=False):
+    """value's dtype is ref's. autocast: an operand of a float32-list op (a class weight),
+    which under autocast torch computes in float32 (float64 stays): only that must match."""
+    if autocast and _library.autocast_on(ref.device):
+        if acc_dtype(value.dtype) != acc_dtype(ref.dtype):
+            raise TypeError(f"{name} has dtype {value.dtype} but {ref_name} has {ref.dtype}; "
+                            f"under autocast both are computed in float32 unless float64, "
+                            f"so both or neither must be float64")
+    elif value.dtype != ref.dtype:
         raise TypeError(f"{name} has dtype {value.dtype} but {ref_name} has {ref.dtype}; "
                         f"{why}")
+
+
+def feature_rows(named):
+    """2-D floating (rows, D) tensors, given as [(name, tensor or None: absent)], every one
+    with the first one's D, dtype and device (embeddings, features)."""
+    first, ref = named[0]
+    for name, value in named:
+        if value is None:
+            continue
+        floating(name, value)
+        if value.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D (rows, D) tensor, got shape "
+                             f"{tuple(value.shape)}")
+        if value.shape[1] != ref.shape[1]:
+            raise ValueError(f"{name} has feature dimension D={value.shape[1]} but {first} "
+                             f"has D={ref.shape[1]}; they must match")
+        same_dtype(name, value, ref, first)
+        same_device(name, value, ref)
 
 
 def same_device(name, value, ref):
@@ -93,10 +128,12 @@ def class_input(input):
 
 
 def data_checks(value):
-    """Whether checks that read tensor values may run: not on CUDA (a host sync) and not
-    under torch.compile (a data-dependent branch would break the graph)."""
-    return (value.device.type != "cuda" and value.numel() > 0
-            and not torch.compiler.is_compiling())
+    """Whether checks that read tensor values may run: not on CUDA (a host sync), not
+    under torch.compile (a data-dependent branch would break the graph), and only on a
+    plain tensor with data (not meta, fake or functorch-wrapped: vmap batches values)."""
+    return (not torch.compiler.is_compiling() and value.device.type != "cuda"
+            and type(value) is torch.Tensor
+            and _backends.reference_required(value.device) is None and value.numel() > 0)
 
 
 def class_index_target(target, positions, n_classes, ignore_index, device):

@@ -39,6 +39,52 @@ def acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def functorch_active():
+    """Whether a torch.func transform (grad, vjp, vmap, jacrev, ...) runs this call
+    eagerly (under torch.compile dynamo handles the transforms itself)."""
+    return (not torch.compiler.is_compiling()
+            and torch._C._functorch.peek_interpreter_stack() is not None)
+
+
+# ------------------------------------------------------------------------ autocast
+# Every loss follows torch's autocast policy for its nearest torch op. The losses are on
+# autocast's float32 list (cross_entropy, nll_loss, binary_cross_entropy_with_logits):
+# torch computes them from float32 copies of half inputs and returns a float32 loss. The
+# kernels already compute in float32 from the half inputs, so they read those as they
+# are (no copy) and only the loss comes out in float32. Matrix products (the logits of
+# linear_cross_entropy and info_nce) are on the lower-precision list: they run in
+# autocast's dtype.
+def autocast_on(device):
+    """Whether autocast is enabled for tensors on `device`."""
+    kind = device.type
+    return torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+
+
+def autocast_off(device):
+    """A context in which products run in their operands' dtypes whatever autocast is on
+    (the references compute logits in the accumulation dtype, as the kernels do)."""
+    return torch.autocast(device.type, enabled=False) if autocast_on(device) \
+        else contextlib.nullcontext()
+
+
+def loss_dtype(x):
+    """The dtype of a loss computed from x: x's, or under autocast the accumulation dtype
+    (float32 for float16 and bfloat16 x), as torch's float32-list losses return."""
+    return acc_dtype(x.dtype) if autocast_on(x.device) else x.dtype
+
+
+def autocast_operands(*tensors):
+    """The operands of a matrix product as torch's autocast casts them: under autocast,
+    floating tensors other than float64 in autocast's dtype; otherwise (and None) as
+    given."""
+    device = next((t.device for t in tensors if isinstance(t, torch.Tensor)), None)
+    if device is None or not autocast_on(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                 and t.dtype != torch.float64 else t for t in tensors)
+
+
 class Op:
     def __init__(self, name, schema, *, outputs, backends, kernels=None, composite=None,
                  setup_context=None, backward=None, reference=None, differentiable=(0,)):
@@ -114,6 +160,7 @@ class Op:
     def _autograd_setup(self, ns, ctx, inputs, output):
         a = self.bind(inputs)
         ctx.fusedloss_backend = ns
+        ctx.fusedloss_arg_names = self.arg_names
         # Every tensor input is saved, but only unpacked (and version-checked) by a
         # backward that needs it: a higher-order one always does.
         ctx.save_for_backward(*(getattr(a, n) for n in self.tensor_args))
@@ -210,40 +257,98 @@ def scale_grad(grad, grad_out, reduction, row_shape, in_place):
     return grad.mul_(grad_out)
 
 
-class SavedGradient:
-    """setup_context and backward of an op whose last output is d(sum of its loss rows *
-    loss_scale) / d x. `row_shape(x)`: the shape that broadcasts a per-row gradient of the
-    loss over x (reduction "none")."""
+def take_saved(grads, name, grad_out, reduction, row_shape):
+    """The saved gradient grads[name] scaled by the incoming gradient: in place, and then
+    dropped from `grads`, when the graph owns the buffer (see reusable_graph); under
+    tracing, or when a caller of the raw op still holds it (opcheck does), out of place."""
+    grad = grads[name]
+    if grad is None:
+        raise RuntimeError(CONSUMED)
+    in_place = (getattr(grad, "_fusedloss_owned", False) and type(grad) is torch.Tensor
+                and not torch.compiler.is_compiling())
+    if in_place:
+        grads[name] = None
+    return scale_grad(grad, grad_out, reduction, row_shape, in_place)
 
-    def __init__(self, row_shape):
-        self.row_shape = row_shape
+
+def needed_inputs(ctx):
+    """The names of the op's inputs whose gradient a backward must return."""
+    return {n for n, need in zip(ctx.fusedloss_arg_names, ctx.needs_input_grad) if need}
+
+
+class SavedGradient:
+    """setup_context and backward of an op whose last outputs are d(sum of its loss rows *
+    loss_scale) / d input, one per name in `inputs` (by default the single input "x").
+    `row_shape(first input)`: the shape that broadcasts a per-row gradient of the loss
+    over it (reduction "none"); every input in `inputs` has the same shape."""
+
+    def __init__(self, row_shape, inputs=("x",)):
+        self.row_shape, self.inputs = row_shape, tuple(inputs)
 
     def setup_context(self, ctx, a, outputs):
         ctx.mark_non_differentiable(*outputs[1:])
         # The unused outputs (lse, grad) must not get zero-filled gradients: for grad that
         # would be one more N x C buffer and pass per backward.
         ctx.set_materialize_grads(False)
-        ctx.grad = outputs[-1]
-        ctx.x_numel = a.x.numel()
+        ctx.grads = dict(zip(self.inputs, outputs[len(outputs) - len(self.inputs):]))
+        ctx.input_numel = getattr(a, self.inputs[0]).numel()
         ctx.reduction = a.reduction
-        ctx.row_shape = self.row_shape(a.x)
+        ctx.row_shape = self.row_shape(getattr(a, self.inputs[0]))
 
     def backward(self, ctx, grad_loss, *unused):
         if grad_loss is None:  # the loss itself did not reach the output
             return {}
-        grad = ctx.grad
-        if grad is None:
-            raise RuntimeError(CONSUMED)
-        if grad.numel() != ctx.x_numel:
-            raise RuntimeError("fusedloss: a gradient was requested from an op call made "
-                               "with compute_grad=False")
-        # In place when the graph owns the buffer (see reusable_graph); under tracing, or
-        # when a caller of the raw op still holds it (opcheck does), out of place.
-        in_place = (getattr(grad, "_fusedloss_owned", False) and type(grad) is torch.Tensor
-                    and not torch.compiler.is_compiling())
-        if in_place:
-            ctx.grad = None
-        return {"x": scale_grad(grad, grad_loss, ctx.reduction, ctx.row_shape, in_place)}
+        out = {}
+        for name in needed_inputs(ctx) & set(self.inputs):
+            grad = ctx.grads[name]
+            if grad is not None and grad.numel() != ctx.input_numel:
+                raise RuntimeError(f"fusedloss: a gradient for {name} was requested from an "
+                                   "op call that did not compute it")
+            out[name] = take_saved(ctx.grads, name, grad_loss, ctx.reduction, ctx.row_shape)
+        return out
+
+    def op_kwargs(self):
+        return dict(setup_context=self.setup_context, backward=self.backward)
+
+
+class ForwardGradients:
+    """setup_context and backward of a fused linear op (linear_cross_entropy, linear_jsd):
+    a chunk loop whose last outputs are the gradients of the inputs named in `grads`,
+    computed in its forward when the loss is reduced (flags: the op's booleans asking for
+    each). The backward then only scales them (in place where the graph owns them). For
+    reduction "none" (or a gradient not computed in the forward) it runs the op again,
+    each row's incoming gradient folded into the op's `row_weight`, `rerun` overriding
+    other arguments. n_rows(a): the number of loss rows."""
+
+    def __init__(self, op_name, grads, flags, n_rows, rerun=None):
+        self.op_name, self.grads, self.flags = op_name, tuple(grads), tuple(flags)
+        self.n_rows, self.rerun = n_rows, dict(rerun or {})
+
+    def setup_context(self, ctx, a, outputs):
+        ctx.mark_non_differentiable(*outputs[1:])
+        ctx.set_materialize_grads(False)
+        computed = outputs[len(outputs) - len(self.grads):]
+        # Reduction "none" gets one incoming gradient per row: only a rerun folds them in.
+        ctx.grads = {name: g for name, g in zip(self.grads, computed)
+                     if g.numel() > 0 and a.reduction != 0}
+        ctx.n_rows = self.n_rows(a)
+
+    def backward(self, ctx, grad_loss, *unused):
+        if grad_loss is None:
+            return {}
+        needed = needed_inputs(ctx) & set(self.grads)
+        if needed and needed <= ctx.grads.keys():
+            return {name: take_saved(ctx.grads, name, grad_loss, 1, ()) for name in needed}
+        op = OPS[self.op_name]
+        a = op.saved_args(ctx)
+        row_weight = grad_loss.to(acc_dtype(getattr(a, self.grads[0]).dtype)).expand(ctx.n_rows)
+        if a.row_weight is not None:
+            row_weight = row_weight * a.row_weight
+        outs = op.call(ctx.fusedloss_backend, **{
+            **vars(a), **self.rerun, "row_weight": row_weight.contiguous(),
+            **{flag: name in needed for flag, name in zip(self.flags, self.grads)}})
+        computed = outs[len(outs) - len(self.grads):]
+        return {name: g for name, g in zip(self.grads, computed) if name in needed}
 
     def op_kwargs(self):
         return dict(setup_context=self.setup_context, backward=self.backward)
@@ -254,9 +359,11 @@ def rows_of(x):
     return x.shape[0] * x.shape[2]
 
 
-def loss_output(x, rows, reduction):
-    """A loss output: (rows,) for reduction "none", else 0-dim; x's dtype."""
-    return x.new_empty((rows,) if reduction == 0 else ())
+def loss_output(x, rows, reduction, acc=False):
+    """A loss output: (rows,) for reduction "none", else 0-dim; in x's dtype, or in the
+    accumulation dtype when `acc` (an op's acc_loss)."""
+    return x.new_empty((rows,) if reduction == 0 else (),
+                       dtype=acc_dtype(x.dtype) if acc else x.dtype)
 
 
 def grad_output(x, compute_grad):

@@ -25,6 +25,15 @@ class LossModule(torch.nn.Module):
             else:
                 setattr(self, name, value)
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: refuse clearly rather than fail deep inside
+        # the TorchScript compiler on the Python of the forward.
+        raise RuntimeError(
+            f"fusedloss.{type(self).__name__} cannot be compiled by torch.jit.script: its "
+            "forward is Python (argument checks, backend choice, torch.library ops) that "
+            "TorchScript does not support. Use torch.compile(module) instead (fullgraph "
+            "and dynamic shapes work), or torch.export.export for a graph to save.")
+
     def loss_options(self):
         """The options, by name, as the function takes them."""
         return {name: getattr(self, name) for name in self._option_names}

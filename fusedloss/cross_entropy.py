@@ -235,7 +235,8 @@ def check_target_and_weight(target, weight, logits_shape, class_dim, ignore_inde
         _checks.class_index_target(target, positions, n_classes, ignore_index, input.device)
     if weight is not None:
         _checks.class_vector("weight", weight, n_classes, input)
-        _checks.same_dtype("weight", weight, input, why="torch requires them to match")
+        _checks.same_dtype("weight", weight, input, why="torch requires them to match",
+                           autocast=True)
     return target.is_floating_point()
 
 
@@ -319,7 +320,8 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         loss, lse, entropy, grad = CROSS_ENTROPY.call(name, x=x, compute_grad=compute_grad,
                                                       **kwargs)
         _library.owned(grad)
-    return with_extras(loss.to(input.dtype), lse, entropy, o, return_lse, return_entropy)
+    return with_extras(loss.to(_library.loss_dtype(input)), lse, entropy, o, return_lse,
+                       return_entropy)
 
 
 def check_process_group_backend(backend, what):
@@ -343,7 +345,8 @@ def _vocab_parallel(input, target, weight, token_weight, class_dim, o, return_ls
     k = kernel_args(o, target_k, weight, token_weight, input)
     loss, lse, entropy = distributed.cross_entropy(x, target_k, weight, k["row_weight"],
                                                    k["loss_scale"], o, return_entropy, group)
-    return with_extras(loss.to(input.dtype), lse, entropy, o, return_lse, return_entropy)
+    return with_extras(loss.to(_library.loss_dtype(input)), lse, entropy, o, return_lse,
+                       return_entropy)
 
 
 class CrossEntropyLoss(LossModule):

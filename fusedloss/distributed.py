@@ -418,6 +418,7 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        _first_order_only()  # the reduce-scatter is not differentiable
         out = grad.new_empty((grad.shape[0] // dist.get_world_size(ctx.group),
                               *grad.shape[1:]))
         dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
@@ -586,3 +587,84 @@ def info_nce(query, key, negatives, labels, scale, symmetric, mode, group, fn):
     cols = fn(key, queries, logit_scale=scale,
               labels=torch.arange(m_keys, device=query.device) + rank * n, reduction="none")
     return rows, cols
+
+
+# ------------------------------------------------------------------------------ SigLIP
+class _RingSigLip(torch.autograd.Function):
+    """SigLIP with the text blocks passed around the ring. The forward adds up this
+    rank's image rows against each visiting block; the backward passes the blocks around
+    again, each with the accumulator of its gradient from the images it met, which is
+    home after a full turn (the incoming gradient of each rank's loss is only known then,
+    so the tiles are computed again). A rank holds its own features, the block it works on
+    and the one arriving: memory O(N x D) whatever the number of ranks. Each step runs the
+    backend's tiles (fusedloss.siglip.pair_terms)."""
+
+    @staticmethod
+    def forward(ctx, image, text, scale, bias, group, reduction, backend):
+        from .siglip import pair_terms
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        n = image.shape[0]
+        rows, block = None, text
+        for step in range(world):
+            # Only this rank's own block holds its images' positives (diagonal 0); for the
+            # others, diagonal n puts every positive past the last column.
+            diagonal = 0 if (rank - step) % world == rank else n
+            r = pair_terms(backend, image, block, scale, bias, diagonal)[0]
+            rows = r if rows is None else rows + r
+            if step < world - 1:
+                (block,) = _ring_step([block], group, rank, world)
+        ctx.save_for_backward(image, text, scale, bias)
+        ctx.group, ctx.reduction, ctx.backend = group, reduction, backend
+        return rows if reduction == 0 else rows.sum() / (n if reduction == 1 else 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from .siglip import pair_terms
+        _first_order_only()
+        image, text, scale, bias = ctx.saved_tensors
+        group = ctx.group
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        n, acc = image.shape[0], acc_dtype(image.dtype)
+        row_weight = grad.to(acc)
+        if ctx.reduction != 0:
+            row_weight = (row_weight / n if ctx.reduction == 1 else row_weight).expand(n)
+        want = ctx.needs_input_grad[:4]
+        total = [None] * 4  # image, text (the visiting block's), logit_scale, logit_bias
+        block = text
+        for step in range(world):
+            diagonal = 0 if (rank - step) % world == rank else n
+            got = pair_terms(ctx.backend, image, block, scale, bias, diagonal,
+                             row_weight.contiguous(), want)[1:]
+            for i, g in enumerate(got):
+                if g is not None:
+                    total[i] = g.to(acc) if total[i] is None else total[i] + g.to(acc)
+            # The block moves on with the gradient it has gathered; after the last step
+            # only the gradient, which then arrives home.
+            moving = ([block] if step < world - 1 else []) + ([total[1]] if want[1] else [])
+            if moving:
+                moved = _ring_step(moving, group, rank, world)
+                if step < world - 1:
+                    block = moved.pop(0)
+                if want[1]:
+                    total[1] = moved[0]
+        return (*(t.to(x.dtype).reshape(x.shape) if t is not None else None
+                  for t, x in zip(total, (image, text, scale, bias))), None, None, None)
+
+
+def siglip(image, text, scale, bias, reduction, mode, group, backend):
+    """SigLIP of this rank's images against every rank's texts: this rank's loss (see
+    fusedloss.siglip_loss). mode: "all_gather" (the texts gathered with their gradients,
+    then this backend's single-device loss) or "ring"."""
+    from . import _backends, _checks
+    from . import siglip as single
+    _, rank = check_group(group, image, "siglip_loss")
+    n = image.shape[0]
+    meta = exchange([n, image.shape[1]], group, image.device)
+    check_agree(meta, ["the number of pairs N", "the feature dimension D"], "siglip_loss")
+    if mode == "ring":
+        name = _backends.resolve(single.SIGLIP, backend, image.device)
+        return _RingSigLip.apply(image, text, scale, bias, group,
+                                 _checks.reduction_code(reduction), name) \
+            .to(_library.loss_dtype(image))
+    texts = _AllGather.apply(text, group)
+    return single.local_loss(image, texts, scale, bias, reduction, rank * n, backend)

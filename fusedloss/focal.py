@@ -1,8 +1,8 @@
 """Softmax (multi-class) focal loss: FL = -alpha_t (1 - p_t)^gamma log p_t.
 
 The op reads x as cross_entropy's ops do ((B, C, S), class-index targets only; ignored
-and out-of-range targets alike) and uses the same row statistics m, s, lse, p_c (see
-fusedloss/cross_entropy.py). Per row, with a_t = alpha[t] (1 without), w_t = weight[t]:
+and out-of-range targets alike), uses the same row statistics m, s, lse, p_c and returns
+the loss in acc as they do (see fusedloss/cross_entropy.py). Per row, with a_t = alpha[t] (1 without), w_t = weight[t]:
 
     logp_t = z_t - lse,   p_t = exp(logp_t),   q = 1 - p_t = -expm1(logp_t)
     loss   = -w_t a_t q^gamma logp_t
@@ -23,7 +23,7 @@ def _reference(a):
     B, C, S = a.x.shape
     rows = reference.focal_loss(a.x, a.target.view(B, S), a.gamma, a.alpha, a.weight,
                                 a.ignore_index, "none")
-    return (_library.reduce_reference_rows(rows, a, a.x.dtype),)
+    return (_library.reduce_reference_rows(rows, a, acc_dtype(a.x.dtype)),)
 
 
 FOCAL_LOSS = Op(
@@ -31,7 +31,7 @@ FOCAL_LOSS = Op(
     "(Tensor x, Tensor target, Tensor? alpha, Tensor? weight, Tensor loss_scale, "
     "float gamma, int ignore_index, int reduction, bool compute_grad) "
     "-> (Tensor loss, Tensor grad)",
-    outputs=lambda a: (loss_output(a.x, rows_of(a.x), a.reduction),
+    outputs=lambda a: (loss_output(a.x, rows_of(a.x), a.reduction, acc=True),
                        grad_output(a.x, a.compute_grad)),
     backends=("triton", "cpu", "cuda"), kernels="focal", reference=_reference,
     **_library.SavedGradient(lambda x: (x.shape[0], 1, x.shape[2])).op_kwargs()).define()
@@ -82,6 +82,7 @@ def focal_loss(input, target, gamma=2.0, alpha=None, weight=None, ignore_index=-
         gamma=gamma, ignore_index=ignore_index, reduction=red,
         compute_grad=input.requires_grad and torch.is_grad_enabled())
     _library.owned(grad)
+    loss = loss.to(_library.loss_dtype(input))
     return loss.view(target.shape) if red == 0 else loss
 
 

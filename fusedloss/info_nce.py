@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from . import _backends, _checks, reference
+from . import _backends, _checks, _library, reference
 from ._library import Op, acc_dtype
 from ._module import LossModule
 
@@ -84,21 +84,6 @@ INFO_NCE_BACKWARD = Op(
     kernels="info_nce").define()
 
 
-def _check_embeddings(query, key, negatives):
-    for name, value in (("query", query), ("key", key), ("negatives", negatives)):
-        if value is None:
-            continue
-        _checks.floating(name, value)
-        if value.dim() != 2:
-            raise ValueError(f"{name} must be a 2-D (rows, D) tensor, got shape "
-                             f"{tuple(value.shape)}")
-        if value.shape[1] != query.shape[1]:
-            raise ValueError(f"{name} has D={value.shape[1]} but query has "
-                             f"D={query.shape[1]}; they must match")
-        _checks.same_dtype(name, value, query, "query")
-        _checks.same_device(name, value, query)
-
-
 def _check_labels(labels, n_rows, n_keys, query):
     _checks.tensor("labels", labels)
     if labels.dtype != torch.int64:
@@ -143,7 +128,10 @@ def info_nce(query, key, *, temperature=0.07, logit_scale=None, labels=None, neg
     red = _checks.reduction_code(reduction)
     _checks.tensor("query", query)
     _checks.tensor("key", key)
-    _check_embeddings(query, key, negatives)
+    # Under autocast the similarities are a product in autocast's dtype, as torch's matmul;
+    # the loss comes out in float32.
+    query, key, negatives = _library.autocast_operands(query, key, negatives)
+    _checks.feature_rows([("query", query), ("key", key), ("negatives", negatives)])
     n, m = query.shape[0], key.shape[0]
     n_keys = m + (negatives.shape[0] if negatives is not None else 0)
     if exchange not in ("all_gather", "ring"):
@@ -177,7 +165,8 @@ def info_nce(query, key, *, temperature=0.07, logit_scale=None, labels=None, neg
         rows, cols = distributed.info_nce(
             query, key, negatives, labels, scale, symmetric, exchange, process_group,
             functools.partial(info_nce, backend=backend))
-        return _reduce_rows((rows + cols) / 2 if symmetric else rows, red, query.dtype)
+        return _reduce_rows((rows + cols) / 2 if symmetric else rows, red,
+                            _library.loss_dtype(query))
     name = _backends.resolve(INFO_NCE, backend, query.device)
 
     if name == "reference":
@@ -190,7 +179,7 @@ def info_nce(query, key, *, temperature=0.07, logit_scale=None, labels=None, neg
         negatives=negatives.contiguous() if negatives is not None else None, labels=labels,
         scale=scale, symmetric=symmetric)
     return _reduce_rows((row_loss + col_loss) / 2 if symmetric else row_loss, red,
-                        query.dtype)
+                        _library.loss_dtype(query))
 
 
 def _reduce_rows(rows, red, dtype):

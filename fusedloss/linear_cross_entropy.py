@@ -46,7 +46,9 @@ def default_chunk_size(n_rows, n_features, n_logits, dtype, device_type):
     per_row = n_logits * max(dtype.itemsize, 4 if device_type == "cpu" else 0)
     rows = CHUNK_BYTES.get(device_type, CHUNK_BYTES["cuda"]) // max(per_row, 1)
     rows = max(16, rows // 8 * 8)
-    return max(1, min(n_rows, rows))
+    # Under torch.compile the bound alone (the chunk loops clamp it): min(N, rows) would
+    # make a dynamic N a constant of the graph.
+    return rows if torch.compiler.is_compiling() else max(1, min(n_rows, rows))
 
 
 # ------------------------------------------------------------------------------ the op
@@ -94,6 +96,52 @@ def _add_product(acc, a, b, scratch, first):
     return torch.addmm(acc, up, b.to(acc.dtype), beta=beta, out=acc)
 
 
+class HeadGradients:
+    """The gradients of a linear head (logits = x @ w.T + b) over chunks of rows, for the
+    fused linear losses: add(g, xc, rows) takes a chunk's d loss / d logits g; grad_weight
+    and grad_bias accumulate in the outputs themselves, or in float32 for half weights
+    (then finish() copies them out); grad_input is written per chunk. want: (grad_input,
+    grad_weight, grad_bias) asked for."""
+
+    def __init__(self, w, outputs, want, chunk_rows):
+        self.w, (self.grad_x, self.grad_w, self.grad_b), self.want = w, outputs, want
+        self.acc = acc_dtype(w.dtype)
+        self.gw = (self.grad_w if self.acc == w.dtype else
+                   self.grad_w.new_empty(w.shape, dtype=self.acc)) if want[1] else None
+        self.gb = (self.grad_b if self.acc == w.dtype else
+                   self.grad_b.new_empty(w.shape[0], dtype=self.acc)) if want[2] else None
+        self.scratch = torch.empty(chunk_rows * w.shape[0], dtype=torch.float32,
+                                   device=w.device) \
+            if want[1] and self.gw.dtype != w.dtype and not w.is_cuda else None
+        self.first = True
+
+    def add(self, g, xc, rows, gathered=False):
+        """rows: the chunk's rows of x (a slice, or indices when `gathered`: then xc is
+        their copy, which takes their grad_input)."""
+        if self.want[1]:
+            _add_product(self.gw, g.t(), xc, self.scratch, first=self.first)
+        if self.want[2]:
+            if self.first:
+                torch.sum(g, 0, dtype=self.acc, out=self.gb)
+            else:
+                self.gb += g.sum(0, dtype=self.acc)
+        if self.want[0]:  # last: a gathered chunk's rows of x are no longer needed
+            if gathered:
+                self.grad_x.index_copy_(0, rows, torch.mm(g, self.w, out=xc))
+            else:
+                torch.mm(g, self.w, out=self.grad_x[rows])
+        self.first = False
+
+    def finish(self):
+        for acc, out in ((self.gw, self.grad_w), (self.gb, self.grad_b)):
+            if acc is None:
+                continue
+            if self.first:  # no rows: zero gradients
+                acc.zero_()
+            if acc is not out:
+                out.copy_(acc)
+
+
 def _run(a, ns):
     """The chunk loop, for every backend: `ns` names the cross-entropy ops it runs."""
     x, w, b = a.input, a.linear_weight, a.linear_bias
@@ -102,32 +150,21 @@ def _run(a, ns):
     loss, lse, entropy, grad_x, grad_w, grad_b = _outputs(a)
     rows = loss if a.reduction == 0 else loss.new_empty(_n_rows(a))
     want = (a.grad_input, a.grad_weight, a.grad_bias and b is not None)
-    # Gradient accumulators: the outputs themselves, or float32 ones for half weights.
-    acc = acc_dtype(w.dtype)
-    grad_w_acc = (grad_w if acc == w.dtype else grad_w.new_empty((v, d), dtype=acc)) \
-        if want[1] else None
-    grad_b_acc = (grad_b if acc == w.dtype else grad_b.new_empty(v, dtype=acc)) \
-        if want[2] else None
     chunks, gathered = _row_chunks(a, n, positions)
     if gathered:  # the rows left out are exactly 0
         rows.zero_()
         if want[0]:
             grad_x.zero_()
-    if not chunks:  # no rows: zero gradients
-        for g in (grad_w_acc, grad_b_acc):
-            if g is not None:
-                g.zero_()
+    grads = HeadGradients(w, (grad_x, grad_w, grad_b), want, min(n, a.chunk_size))
     # One buffer for every chunk's logits (and then their gradient): a new one per chunk
     # would pay its first-touch page faults each time on a CPU.
     buf = x.new_empty((min(n, a.chunk_size), v))
-    scratch = torch.empty(buf.numel(), dtype=torch.float32, device=x.device) \
-        if want[1] and grad_w_acc.dtype != w.dtype and not x.is_cuda else None
     prob_target = a.target.is_floating_point()
     per_row = lambda t: t.view(n, positions) if t is not None else None  # noqa: E731
     target, row_weight = a.target if prob_target else per_row(a.target), per_row(a.row_weight)
     # Gathered rows are copied into one buffer, which then takes their grad_input.
     xbuf = x.new_empty((min(n, a.chunk_size), d)) if gathered else None
-    for i, sel in enumerate(chunks):
+    for sel in chunks:
         xc = torch.index_select(x, 0, sel, out=xbuf[:sel.numel()]) if gathered else x[sel]
         logits = buf[:xc.shape[0]]
         torch.mm(xc, w.t(), out=logits) if b is None else torch.addmm(b, xc, w.t(), out=logits)
@@ -147,73 +184,14 @@ def _run(a, ns):
             lse.view(n, positions)[sel] = out[1].view(-1, positions)
         if a.compute_entropy:
             entropy.view(n, positions)[sel] = out[2].view(-1, positions)
-        g = logits  # (chunk, V): now d loss / d logits
-        if want[1]:
-            _add_product(grad_w_acc, g.t(), xc, scratch, first=i == 0)
-        if want[2]:
-            if i == 0:
-                torch.sum(g, 0, dtype=acc, out=grad_b_acc)
-            else:
-                grad_b_acc += g.sum(0, dtype=acc)
-        if want[0]:  # last: a gathered chunk's rows of x are no longer needed
-            if gathered:
-                grad_x.index_copy_(0, sel, torch.mm(g, w, out=xc))
-            else:
-                torch.mm(g, w, out=grad_x[sel])
+        grads.add(logits, xc, sel, gathered)  # logits: now d loss / d logits
     if a.reduction != 0:
         loss.copy_(rows.sum() * a.loss_scale)
-    if want[1] and grad_w_acc is not grad_w:
-        grad_w.copy_(grad_w_acc)
-    if want[2] and grad_b_acc is not grad_b:
-        grad_b.copy_(grad_b_acc)
+    grads.finish()
     return loss, lse, entropy, grad_x, grad_w, grad_b
 
 
 _run.builds_on = "cross_entropy_inplace"
-
-_GRADS = ("input", "linear_weight", "linear_bias")
-
-
-def _setup_context(ctx, a, outputs):
-    ctx.mark_non_differentiable(*outputs[1:])
-    ctx.set_materialize_grads(False)
-    # Gradients computed in the forward (reduced losses): the backward only scales them
-    # (in place where the graph owns them, see fusedloss._library.SavedGradient).
-    ctx.grads = {name: g for name, g in zip(_GRADS, outputs[3:]) if g.numel() > 0}
-    ctx.n_rows = _n_rows(a)
-
-
-def _backward(ctx, grad_loss, *unused):
-    if grad_loss is None:
-        return {}
-    needed = {name for name, need in zip(LINEAR_CROSS_ENTROPY.arg_names, ctx.needs_input_grad)
-              if need and name in _GRADS}
-    if needed and needed <= ctx.grads.keys():
-        out = {}
-        for name in needed:
-            g = ctx.grads[name]
-            if g is None:
-                raise RuntimeError(_library.CONSUMED)
-            in_place = (getattr(g, "_fusedloss_owned", False) and type(g) is torch.Tensor
-                        and not torch.compiler.is_compiling())
-            if in_place:
-                ctx.grads[name] = None
-            out[name] = _library.scale_grad(g, grad_loss, 1, (), in_place)
-        return out
-    # Reduction "none" (or no gradient in the forward): run the chunks again, each row's
-    # incoming gradient folded into its row weight.
-    a = LINEAR_CROSS_ENTROPY.saved_args(ctx)
-    row_weight = grad_loss.to(acc_dtype(a.input.dtype)).expand(ctx.n_rows)
-    if a.row_weight is not None:
-        row_weight = row_weight * a.row_weight
-    outs = LINEAR_CROSS_ENTROPY.call(
-        ctx.fusedloss_backend, **{**vars(a), "row_weight": row_weight.contiguous(),
-                                  "compute_entropy": False, "compute_lse": False,
-                                  "grad_input": "input" in needed,
-                                  "grad_weight": "linear_weight" in needed,
-                                  "grad_bias": "linear_bias" in needed})
-    return {name: g for name, g in zip(_GRADS, outs[3:]) if name in needed}
-
 
 def _reference(a):
     """The op's loss output in torch ops (for higher-order gradients)."""
@@ -236,8 +214,11 @@ LINEAR_CROSS_ENTROPY = Op(
     "bool compute_lse, bool compute_entropy, int chunk_size, bool grad_input, bool grad_weight, bool grad_bias) "
     "-> (Tensor loss, Tensor lse, Tensor entropy, Tensor grad_input, Tensor grad_weight, "
     "Tensor grad_bias)",
-    outputs=_outputs, backends=("triton", "cpu", "cuda"), composite=_run,
-    setup_context=_setup_context, backward=_backward, reference=_reference).define()
+    outputs=_outputs, backends=("triton", "cpu", "cuda"), composite=_run, reference=_reference,
+    **_library.ForwardGradients(
+        "linear_cross_entropy", ("input", "linear_weight", "linear_bias"),
+        ("grad_input", "grad_weight", "grad_bias"), _n_rows,
+        rerun={"compute_lse": False, "compute_entropy": False}).op_kwargs()).define()
 
 
 # ------------------------------------------------------------------------------ the loss
@@ -323,6 +304,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     Returns the loss, plus lse and entropy (detached, one per position) when asked, as
     fusedloss.cross_entropy does.
     """
+    # Under autocast the product runs in autocast's dtype, as F.linear's; the loss in float32.
+    input, linear_weight, linear_bias = _library.autocast_operands(input, linear_weight,
+                                                                   linear_bias)
     logits_shape = _check_linear(input, linear_weight, linear_bias)
     o = check_options(input, target, weight, token_weight, logits_shape,
                       0 if input.dim() == 1 else 1, reduction, ignore_index, label_smoothing,
@@ -358,7 +342,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         **kernel_args(o, target_k, weight, token_weight, input))
     for g in computed:
         _library.owned(g)
-    return with_extras(loss.to(input.dtype), lse, entropy, o, return_lse, return_entropy)
+    return with_extras(loss.to(_library.loss_dtype(input)), lse, entropy, o, return_lse,
+                       return_entropy)
 
 
 def _vocab_parallel(input, linear_weight, linear_bias, target, weight, token_weight, o,
@@ -377,7 +362,8 @@ def _vocab_parallel(input, linear_weight, linear_bias, target, weight, token_wei
     loss, lse, entropy = distributed.linear_cross_entropy(
         x, w, b, target_k, weight, k["row_weight"], k["loss_scale"], o, n_classes, positions,
         chunk_size, return_entropy, group)
-    return with_extras(loss.to(input.dtype), lse, entropy, o, return_lse, return_entropy)
+    return with_extras(loss.to(_library.loss_dtype(input)), lse, entropy, o, return_lse,
+                       return_entropy)
 
 
 class LinearCrossEntropyLoss(LossModule):

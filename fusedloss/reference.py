@@ -2,13 +2,16 @@
 and the fallback where no kernel serves.
 
 Plain, readable PyTorch, differentiated by autograd. Computes in float64 for float64
-inputs and in float32 otherwise, and returns the input's dtype. Arguments are assumed
-valid: the public functions in fusedloss validate them before calling here.
+inputs and in float32 otherwise, and returns the input's dtype (under autocast the
+accumulation dtype, as torch's float32-list losses: _library.loss_dtype). Arguments are
+assumed valid: the public functions in fusedloss validate them before calling here.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
-from ._library import acc_dtype
+from ._library import acc_dtype, autocast_off, functorch_active, loss_dtype
 
 
 def transform_logits(x, logit_scale=1.0, softcap=None):
@@ -121,7 +124,26 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     rows, lse, denominator = cross_entropy_rows(input, target, weight, ignore_index,
                                                 label_smoothing, z_loss, softcap, logit_scale,
                                                 token_weight)
-    return _reduce(rows, reduction, denominator).to(input.dtype), lse
+    return _reduce(rows, reduction, denominator).to(loss_dtype(input)), lse
+
+
+def checkpointed_chunks(chunk, n, chunk_size, *rows):
+    """[chunk(*rows[sl]) for each slice sl of chunk_size rows], each under
+    torch.utils.checkpoint when autograd records (memory O(chunk), the fused linear losses'
+    reference). None in `rows` stays None."""
+    # Under torch.compile with a dynamic N the loop unrolls per number of chunks, not per
+    # N; one chunk (an empty batch too) takes the rows unsliced.
+    slices = [slice(None)] if n <= chunk_size else \
+        [slice(i * chunk_size, (i + 1) * chunk_size) for i in range(-(-n // chunk_size))]
+    # torch.func transforms refuse checkpoint's saved-tensor hooks: there, autograd keeps
+    # the chunks' logits.
+    checkpointed = torch.is_grad_enabled() and not functorch_active()
+    pieces = []
+    for sl in slices:
+        args = [r[sl] if r is not None else None for r in rows]
+        pieces.append(torch.utils.checkpoint.checkpoint(chunk, *args, use_reentrant=False)
+                      if checkpointed else chunk(*args))
+    return pieces
 
 
 def linear_cross_entropy(x, linear_weight, linear_bias, target, num_classes, weight=None,
@@ -151,17 +173,12 @@ def linear_cross_entropy(x, linear_weight, linear_bias, target, num_classes, wei
             else None
         return rows, lse.detach(), den, entropy
 
-    pieces = []
-    for i0 in range(0, max(n, 1), chunk_size):  # an empty batch is one empty chunk
-        sl = slice(i0, i0 + chunk_size)
-        args = (x[sl], target[sl], token_weight[sl] if token_weight is not None else None)
-        pieces.append(torch.utils.checkpoint.checkpoint(chunk, *args, use_reentrant=False)
-                      if torch.is_grad_enabled() else chunk(*args))
+    pieces = checkpointed_chunks(chunk, n, chunk_size, x, target, token_weight)
     rows = torch.cat([p[0] for p in pieces]).reshape(-1)
     lse = torch.cat([p[1] for p in pieces]).reshape(-1)
     denominator = sum(p[2] for p in pieces)
     entropy = torch.cat([p[3] for p in pieces]).reshape(-1) if with_entropy else None
-    return _reduce(rows, reduction, denominator).to(x.dtype), lse, entropy
+    return _reduce(rows, reduction, denominator).to(loss_dtype(x)), lse, entropy
 
 
 def softmax_entropy(input, logit_scale=1.0, softcap=None):
@@ -193,7 +210,7 @@ def focal_loss(input, target, gamma=2.0, alpha=None, weight=None, ignore_index=-
     elif alpha is not None:
         rows = rows * alpha
     rows = torch.where(valid, rows, torch.zeros_like(rows))  # as in cross_entropy
-    return _reduce(rows, reduction, w_t.sum()).to(input.dtype)
+    return _reduce(rows, reduction, w_t.sum()).to(loss_dtype(input))
 
 
 def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none"):
@@ -205,7 +222,7 @@ def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none")
     loss = ce * safe_pow(m, gamma)
     if alpha >= 0:
         loss = loss * (alpha * t + (1 - alpha) * (1 - t))
-    return _reduce(loss, reduction, loss.numel()).to(inputs.dtype)
+    return _reduce(loss, reduction, loss.numel()).to(loss_dtype(inputs))
 
 
 def _nll_rows(logits, pos):
@@ -224,7 +241,9 @@ def info_nce_rows(query, key, negatives, labels, scale, symmetric):
     acc = acc_dtype(query.dtype)
     keys = key if negatives is None else torch.cat([key, negatives.to(key.dtype)])
     scale = scale.to(acc) if isinstance(scale, torch.Tensor) else scale
-    logits = (query.to(acc) @ keys.to(acc).T) * scale
+    # In acc, as the kernels compute them, whatever autocast is on.
+    with autocast_off(query.device):
+        logits = (query.to(acc) @ keys.to(acc).T) * scale
     n, m = query.shape[0], key.shape[0]
     pos = labels if labels is not None else torch.arange(n, device=query.device)
     rows = _nll_rows(logits, pos)
@@ -242,4 +261,87 @@ def info_nce(query, key, temperature=0.07, logit_scale=None, labels=None, negati
     rows, cols = info_nce_rows(query, key, negatives, labels, scale, symmetric)
     if symmetric:
         rows = (rows + cols) / 2
-    return _reduce(rows, reduction, rows.numel()).to(query.dtype)
+    return _reduce(rows, reduction, rows.numel()).to(loss_dtype(query))
+
+
+def siglip_rows(image, text, logit_scale, logit_bias, diagonal=0):
+    """Each image's SigLIP loss (accumulation dtype): sum_j -log sigmoid(z_ij l_ij) with
+    l = logit_scale <image_i, text_j> + logit_bias, z_ij = +1 for j = i + diagonal (its
+    own text, where that column exists) and -1 for every other text."""
+    acc = acc_dtype(image.dtype)
+    with autocast_off(image.device):
+        dots = image.to(acc) @ text.to(acc).T
+    logits = logit_scale.to(acc).reshape(()) * dots + logit_bias.to(acc).reshape(())
+    i = torch.arange(logits.shape[0], device=logits.device)[:, None]
+    j = torch.arange(logits.shape[1], device=logits.device)[None, :]
+    z = torch.where(j == i + diagonal, 1.0, -1.0).to(acc)
+    return -F.logsigmoid(z * logits).sum(1)
+
+
+def siglip_loss(image, text, logit_scale, logit_bias, reduction="mean", diagonal=0):
+    """open_clip's SigLipLoss (whose mean divides by the number of images); "sum" and
+    "none" (one loss per image) besides."""
+    rows = siglip_rows(image, text, logit_scale, logit_bias, diagonal)
+    return _reduce(rows, reduction, rows.numel()).to(loss_dtype(image))
+
+
+def _kl_rows(logp, logq):
+    """sum_c p_c (log p_c - log q_c) per row; a class with p_c = 0 adds exactly 0 (also
+    to the gradient, where log p_c - log q_c would be -inf - -inf)."""
+    return (logp.exp() * torch.where(logp > float("-inf"), logp - logq, 0.0)).sum(-1)
+
+
+def jsd_rows(student, teacher, beta=0.5, temperature=1.0):
+    """Each row's divergence (accumulation dtype) between P_s = softmax(student / T) and
+    P_t = softmax(teacher / T), over the last dimension: KL(P_t || P_s) at beta 0,
+    KL(P_s || P_t) at beta 1, else beta KL(P_t || M) + (1 - beta) KL(P_s || M) with
+    M = beta P_t + (1 - beta) P_s."""
+    acc = acc_dtype(student.dtype)
+    log_s = torch.log_softmax(student.to(acc) / temperature, -1)
+    log_t = torch.log_softmax(teacher.to(acc) / temperature, -1)
+    if beta == 0:
+        return _kl_rows(log_t, log_s)
+    if beta == 1:
+        return _kl_rows(log_s, log_t)
+    a, b = log_t + math.log(beta), log_s + math.log1p(-beta)
+    # log M = logaddexp(a, b); where both are -inf (M = 0) its gradient would be NaN.
+    empty = (a == float("-inf")) & (b == float("-inf"))
+    log_m = torch.where(empty, float("-inf"),
+                        torch.logaddexp(a.masked_fill(empty, 0), b.masked_fill(empty, 0)))
+    return beta * _kl_rows(log_t, log_m) + (1 - beta) * _kl_rows(log_s, log_m)
+
+
+def jsd(student, teacher, target=None, beta=0.5, temperature=1.0, ignore_index=-100,
+        reduction="mean", row_weight=None):
+    """The generalized Jensen-Shannon divergence of (N, V) logits (see jsd_rows), rows
+    whose target is ignore_index left out (the mean divides by the counted rows), each
+    row times row_weight when given. No T^2 factor."""
+    counted = target != ignore_index if target is not None else None
+    if counted is not None:  # rows left out are exactly 0, gradients too, whatever they hold
+        student, teacher = (v.masked_fill(~counted.unsqueeze(-1), 0) for v in (student, teacher))
+    rows = jsd_rows(student, teacher, beta, temperature)
+    if row_weight is not None:
+        rows = rows * row_weight.to(rows.dtype)
+    if counted is None:
+        return _reduce(rows, reduction, rows.numel()).to(loss_dtype(student))
+    rows = torch.where(counted, rows, torch.zeros_like(rows))
+    return _reduce(rows, reduction, counted.sum()).to(loss_dtype(student))
+
+
+def linear_jsd(student_input, student_weight, student_bias, teacher_input, teacher_weight,
+               teacher_bias, target=None, beta=0.5, temperature=1.0, ignore_index=-100,
+               reduction="mean", chunk_size=1024):
+    """jsd(F.linear(student ...), F.linear(teacher ...)) over rows in chunks, each under
+    torch.utils.checkpoint (memory O(chunk x V), as linear_cross_entropy)."""
+    n = student_input.shape[0]
+
+    def chunk(xs, xt):
+        return jsd_rows(F.linear(xs, student_weight, student_bias),
+                        F.linear(xt, teacher_weight, teacher_bias), beta, temperature)
+
+    rows = torch.cat(checkpointed_chunks(chunk, n, chunk_size, student_input, teacher_input))
+    counted = target != ignore_index if target is not None else None
+    if counted is not None:
+        rows = torch.where(counted, rows, torch.zeros_like(rows))
+    return _reduce(rows, reduction, counted.sum() if counted is not None else n) \
+        .to(loss_dtype(student_input))

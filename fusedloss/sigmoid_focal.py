@@ -8,7 +8,9 @@ The op is element-wise over x.reshape(-1) and a same-shape float target t:
     dloss/dx = a_t m^gamma ((p - t) + gamma ce r),  r = p (1-p) (1-2t) / m  (0 where m == 0)
 
 p and 1 - p both come from e = exp(-|x|), so neither rounds to 0 or 1 for large |x|.
-Gradient scaling and reductions as in cross_entropy's ops (loss_scale).
+Gradient scaling and reductions as in cross_entropy's ops (loss_scale). The loss output
+is as large as x for reduction "none", so the op writes it in x's dtype, or in acc with
+acc_loss (under autocast), without a second pass to convert it.
 """
 import torch
 
@@ -20,14 +22,15 @@ from .cross_entropy import mean_scale
 
 def _reference(a):
     rows = reference.sigmoid_focal_loss(a.x, a.target, a.alpha, a.gamma, "none")
-    return (_library.reduce_reference_rows(rows, a, a.x.dtype),)
+    return (_library.reduce_reference_rows(rows, a, acc_dtype(a.x.dtype) if a.acc_loss
+                                           else a.x.dtype),)
 
 
 SIGMOID_FOCAL_LOSS = Op(
     "sigmoid_focal_loss",
     "(Tensor x, Tensor target, Tensor loss_scale, float alpha, float gamma, int reduction, "
-    "bool compute_grad) -> (Tensor loss, Tensor grad)",
-    outputs=lambda a: (loss_output(a.x, a.x.numel(), a.reduction),
+    "bool acc_loss, bool compute_grad) -> (Tensor loss, Tensor grad)",
+    outputs=lambda a: (loss_output(a.x, a.x.numel(), a.reduction, a.acc_loss),
                        grad_output(a.x, a.compute_grad)),
     backends=("triton", "cpu", "cuda"), kernels="focal", reference=_reference,
     **_library.SavedGradient(lambda x: x.shape).op_kwargs()).define()
@@ -61,7 +64,7 @@ def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none",
     loss, grad = SIGMOID_FOCAL_LOSS.call(
         name, x=x, target=targets.to(inputs.dtype).contiguous().view(-1),
         loss_scale=mean_scale(x.numel(), red, acc_dtype(inputs.dtype), inputs.device),
-        alpha=alpha, gamma=gamma, reduction=red,
+        alpha=alpha, gamma=gamma, reduction=red, acc_loss=_library.autocast_on(inputs.device),
         compute_grad=inputs.requires_grad and torch.is_grad_enabled())
     _library.owned(grad)
     return loss.view(inputs.shape) if red == 0 else loss

@@ -165,3 +165,13 @@ def sigmoid_focal_terms(x, t, alpha, gamma):
     loss = a_t * ce * m_gamma
     grad = a_t * m_gamma * ((p - t) + gamma * ce * r)
     return loss, grad
+
+
+# ------------------------------------------------------------------ SigLIP pairs
+@triton.jit
+def softplus_sigmoid(u):
+    """(softplus(u), sigmoid(u)), both from e = exp(-|u|): neither overflows for large |u|
+    and softplus keeps its log1p accuracy (SigLIP: u = -z l, see fusedloss/siglip.py)."""
+    e = tl.exp(-tl.abs(u))
+    inv = 1.0 / (1.0 + e)
+    return tl.maximum(u, 0.0) + log1p(e), tl.where(u >= 0, inv, e * inv)

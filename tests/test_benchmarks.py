@@ -22,15 +22,19 @@ TINY = cases.Case("cross_entropy", 16, 50)
 
 
 def test_end_to_end_cpu(tmp_path):
-    shapes = "32x64,32x128,32x256"  # three sizes: enough for a plot
+    """A run with no --out writes under the current directory (here tmp_path)."""
+    shapes = "32x64,32x128,32x256"  # three sizes: a sweep plot
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--device", "cpu", "--loss", "cross_entropy",
          "--shapes", shapes, "--label-smoothing", "0.1", "--providers", "torch,reference",
-         "--repeats", "2", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+         "--repeats", "2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "fusedloss-bench-results"
 
-    with open(tmp_path / "latest-cpu.csv", newline="") as f:
+    with open(out / "latest-cpu.csv", newline="") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
     assert reader.fieldnames == report.COLUMNS
@@ -44,21 +48,46 @@ def test_end_to_end_cpu(tmp_path):
                        "peak_mem_mib", "gbps", "bw_frac", "speedup", "copy_gbps"):
             assert float(row[column]) >= 0, column
 
-    data = json.loads((tmp_path / "latest-cpu.json").read_text())
+    data = json.loads((out / "latest-cpu.json").read_text())
     assert data["meta"]["torch_version"] == torch.__version__
     assert [r["provider"] for r in data["rows"]] == [r["provider"] for r in rows]
     assert set(data["rows"][0]) == set(report.COLUMNS)
-    assert len(list(tmp_path.glob("cpu-*.csv"))) == 1  # the run's own copy
-    assert "| cross_entropy |" in (tmp_path / "latest-cpu.md").read_text()
-    assert list(tmp_path.glob("latest-cpu-cross_entropy*vs-C*.png"))
+    assert len(list(out.glob("cpu-*.csv"))) == 1  # the run's own copy
+    assert "| cross_entropy |" in (out / "latest-cpu.md").read_text()
+    assert list(out.glob("latest-cpu-cross_entropy*vs-C*.png"))
+    assert not list(out.glob("*-cases.png"))  # every case is in the sweep plot
     assert "fwd+bwd ms" in proc.stdout  # the table
 
     # --plot-only re-plots a results file next to it.
     results = tmp_path / "again" / "run.json"
     results.parent.mkdir()
-    results.write_text((tmp_path / "latest-cpu.json").read_text())
+    results.write_text((out / "latest-cpu.json").read_text())
     assert cli.main(["--plot-only", str(results)]) == 0
     assert list(results.parent.glob("run-cross_entropy*.png"))
+
+
+def _row(n, c, provider, status="ok"):
+    return {**dict.fromkeys(report.COLUMNS), "loss": "cross_entropy", "n": n, "c": c,
+            "dtype": "float32", "options": "", "provider": provider, "status": status,
+            "device_name": "test", "fwdbwd_ms": 2.0, "fwdbwd_ms_p20": 1.5,
+            "fwdbwd_ms_p80": 2.5, "peak_mem_mib": 1.0}
+
+
+def test_every_run_has_plots(tmp_path):
+    """Cases outside a sweep of three sizes (a --shapes run of one or two) get a bar chart;
+    a sweep gets its line plot and no bar chart."""
+    single = [_row(16, 64, "torch"), _row(16, 64, "fusedloss-cpu"),
+              _row(16, 64, "liger", "OOM")]
+    paths = report.plot(single, tmp_path, "one")
+    assert paths == [tmp_path / "one-cases.png"]
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    sweep = [_row(8, c, p) for c in (64, 128, 256) for p in ("torch", "fusedloss-cpu")]
+    paths = report.plot(sweep + single, tmp_path, "mixed")
+    assert sorted(p.name for p in paths) == ["mixed-cases.png",
+                                             "mixed-cross_entropy_float32-vs-C-N8.png"]
+    assert report.plot(sweep, tmp_path, "swept") == [
+        tmp_path / "swept-cross_entropy_float32-vs-C-N8.png"]
 
 
 def _raising(exc):
@@ -95,3 +124,21 @@ def test_killed_worker_is_oom():
     rows = measure.run_case_isolated(TINY, [killed, providers.select(["torch"])[0]], "cpu",
                                      repeats=1, warmup=1)
     assert [(r["provider"], r["status"]) for r in rows] == [("killed", "OOM"), ("torch", "ok")]
+
+
+def test_skip_suite_and_time_budget(tmp_path, capsys, monkeypatch):
+    """--skip-suite leaves out another suite's cases; --time-budget starts no case past it
+    and lists the cases left as not run."""
+    monkeypatch.setattr(measure, "probe_device", lambda device: {"device_name": "test"})
+    assert cli.main(["--device", "cuda", "--full", "--skip-suite", "quick", "--list"]) == 0
+    plan = capsys.readouterr().out
+    full = cases.select_cases("cuda", "full")
+    left = [c for c in full if c not in set(cases.select_cases("cuda", "quick"))]
+    assert 0 < len(left) < len(full) and f"{len(left)} cases (cuda, full" in plan
+
+    assert cli.main(["--device", "cpu", "--loss", "ce", "--shapes", "8x16,8x32",
+                     "--providers", "torch", "--time-budget", "0", "--no-plots",
+                     "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "latest-cpu.json").read_text())
+    assert data["rows"] == []
+    assert sum("past the time budget" in note for note in data["notes"]) == 2

@@ -421,6 +421,7 @@ def test_entropy(backend, device, shape):
 class TestCrossEntropyContract(LossContract):
     fn = fusedloss.cross_entropy
     ops = ("cross_entropy", "cross_entropy_inplace")
+    module = fusedloss.CrossEntropyLoss
 
     def sample(self, device, dtype, shape=(5, 37, 3)):
         x = (torch.randn(shape, dtype=torch.float64) * 3).to(dtype).to(device)

@@ -244,42 +244,52 @@ def test_tensor_parallel_training(loss_name):
     run_ranks(_train_tensor_parallel, 2, loss_name)
 
 
-def _train_ddp(rank, world, exchange):
-    """CLIP-style towers under DDP, InfoNCE over both ranks' batches: after a few steps the
-    weights (and the learnt logit scale) equal a single-process run on the whole batch."""
-    class Towers(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(5)
-            self.image = torch.nn.Linear(10, 8, dtype=torch.float64)
-            self.text = torch.nn.Linear(12, 8, dtype=torch.float64)
-            self.logit_scale = torch.nn.Parameter(torch.tensor(3.0, dtype=torch.float64))
+class Towers(torch.nn.Module):
+    """CLIP-style image and text towers, with learnt scalars (name=initial value)."""
 
-        def forward(self, a, b):
-            return F.normalize(self.image(a), dim=1), F.normalize(self.text(b), dim=1)
+    def __init__(self, **scalars):
+        super().__init__()
+        torch.manual_seed(5)
+        self.image = torch.nn.Linear(10, 8, dtype=torch.float64)
+        self.text = torch.nn.Linear(12, 8, dtype=torch.float64)
+        for name, value in scalars.items():
+            setattr(self, name, torch.nn.Parameter(torch.tensor(value, dtype=torch.float64)))
 
+    def forward(self, a, b):
+        return F.normalize(self.image(a), dim=1), F.normalize(self.text(b), dim=1)
+
+
+def train_towers(rank, world, loss_of, **scalars):
+    """A few SGD steps of Towers(**scalars), in one process on the whole batch and under
+    DDP on each rank's share, with loss = loss_of(model, image, text, process_group or
+    None): every parameter of the two runs must be equal."""
     torch.manual_seed(6)
     n = 6  # per rank
     data = [(torch.randn(world * n, 10, dtype=torch.float64),
              torch.randn(world * n, 12, dtype=torch.float64)) for _ in range(3)]
     results = []
     for distributed in (False, True):
-        model = Towers()
+        model = Towers(**scalars)
         net = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         for a, b in data:
             if distributed:
                 a, b = a[rank * n:(rank + 1) * n], b[rank * n:(rank + 1) * n]
-            q, k = net(a, b)
-            loss = fusedloss.info_nce(q, k, logit_scale=model.logit_scale, symmetric=True,
-                                      process_group=dist.group.WORLD if distributed else None,
-                                      exchange=exchange)
+            loss = loss_of(model, *net(a, b), dist.group.WORLD if distributed else None)
             opt.zero_grad()
             loss.backward()
             opt.step()
         results.append([p.detach().clone() for p in model.parameters()])
     for single, ours in zip(*results):
         assert_close(ours, single)
+
+
+def _train_ddp(rank, world, exchange):
+    """CLIP-style towers under DDP, InfoNCE over both ranks' batches: after a few steps the
+    weights (and the learnt logit scale) equal a single-process run on the whole batch."""
+    train_towers(rank, world, lambda model, q, k, group: fusedloss.info_nce(
+        q, k, logit_scale=model.logit_scale, symmetric=True, process_group=group,
+        exchange=exchange), logit_scale=3.0)
 
 
 @pytest.mark.parametrize("exchange", ["all_gather", "ring"])

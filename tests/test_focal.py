@@ -117,6 +117,7 @@ def test_module(backend, device):
 class TestFocalContract(LossContract):
     fn = fusedloss.focal_loss
     ops = ("focal_loss",)
+    module = fusedloss.FocalLoss
 
     def sample(self, device, dtype, shape=(5, 37, 3)):
         x = (torch.randn(shape, dtype=torch.float64) * 3).to(dtype).to(device)

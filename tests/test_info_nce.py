@@ -121,6 +121,7 @@ def test_compiled_with_learnable_scale(kernel_backend, device):
 class TestInfoNCEContract(LossContract):
     fn = fusedloss.info_nce
     ops = ("info_nce", "info_nce_backward")
+    module = fusedloss.InfoNCELoss
     half_slack = 1e-3
 
     def sample(self, device, dtype, n=17, e=6, d=24):
@@ -133,6 +134,16 @@ class TestInfoNCEContract(LossContract):
 
     def gradcheck_sample(self, device):
         return self.sample(device, torch.float64, n=5, e=3, d=6)
+
+    def module_call(self, sample, backend):
+        # The module learns its logit scale: the sample's becomes its parameter.
+        kwargs = dict(sample.kwargs)
+        scale = kwargs.pop("logit_scale")
+        module, options, call = super().module_call(Sample(sample.args, kwargs), backend)
+        module = fusedloss.InfoNCELoss(**options, learn_logit_scale=True).to(scale.dtype)
+        with torch.no_grad():
+            module.logit_scale.copy_(scale)
+        return module, dict(options, learn_logit_scale=True), call
 
     def expected(self, query, key, *, logit_scale, negatives, symmetric, reduction):
         return logits_formula(query, key, logit_scale, None, negatives, symmetric, reduction)

@@ -228,6 +228,7 @@ def test_default_chunk_size():
 class TestLinearCrossEntropyContract(LossContract):
     fn = fusedloss.linear_cross_entropy
     ops = ("linear_cross_entropy",)
+    module = fusedloss.LinearCrossEntropyLoss
 
     def sample(self, device, dtype, n=N, d=D, c=C, chunk=8):
         x, w, b, t = make(dtype, device, n=n, d=d, c=c)
@@ -240,6 +241,18 @@ class TestLinearCrossEntropyContract(LossContract):
 
     def gradcheck_sample(self, device):
         return self.sample(device, torch.float64, n=5, d=4, c=7, chunk=2)
+
+    def module_call(self, sample, backend):
+        # The module owns the linear layer, as torch's: the sample's becomes its own.
+        (x, w, t), kwargs = sample.args, dict(sample.kwargs)
+        bias, token_weight = kwargs.pop("linear_bias"), kwargs.pop("token_weight")
+        options = dict(in_features=w.shape[1], num_classes=w.shape[0], bias=True,
+                       backend=backend, **kwargs)
+        module = fusedloss.LinearCrossEntropyLoss(**options, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            module.linear.weight.copy_(w)
+            module.linear.bias.copy_(bias)
+        return module, options, Sample((x, t), dict(token_weight=token_weight))
 
     def expected(self, x, w, t, **kwargs):
         return linear_formula(x, w, t, **kwargs)

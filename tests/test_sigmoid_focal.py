@@ -92,6 +92,7 @@ def test_module_compiled(kernel_backend, device):
 class TestSigmoidFocalContract(LossContract):
     fn = fusedloss.sigmoid_focal_loss
     ops = ("sigmoid_focal_loss",)
+    module = fusedloss.SigmoidFocalLoss
 
     def sample(self, device, dtype, shape=(5, 3, 13)):
         x = (torch.randn(shape, dtype=torch.float64) * 4).to(dtype).to(device)
@@ -105,12 +106,13 @@ class TestSigmoidFocalContract(LossContract):
         return torchvision_formula(inputs, targets, alpha, gamma, reduction)
 
     def op_samples(self, device):
-        x = torch.randn(60, device=device, requires_grad=True)
         t = (torch.rand(60, device=device) > 0.5).float()
-        return [("sigmoid_focal_loss", dict(x=x, target=t,
-                                            loss_scale=torch.tensor(1.0, device=device),
-                                            alpha=0.25, gamma=2.0, reduction=r,
-                                            compute_grad=True)) for r in (0, 2)]
+        # acc_loss (autocast): a float32 loss from bfloat16 logits.
+        return [("sigmoid_focal_loss", dict(
+            x=torch.randn(60, device=device, dtype=dtype, requires_grad=True), target=t,
+            loss_scale=torch.tensor(1.0, device=device), alpha=0.25, gamma=2.0, reduction=r,
+            acc_loss=dtype != torch.float32, compute_grad=True))
+            for r in (0, 2) for dtype in (torch.float32, torch.bfloat16)]
 
     def bad_inputs(self, device):
         x = torch.randn(4, 5, device=device)

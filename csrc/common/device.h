@@ -42,6 +42,10 @@ struct Device {
   static void info_nce_rows_fwd(const InfoNceBlockArgs& a);
   static void info_nce_cols_fwd(const InfoNceBlockArgs& a);
   static void info_nce_rows_bwd(const InfoNceBlockArgs& a);
+  // JSD rows (CPU only: on CUDA the op runs its Triton kernel).
+  static void jsd_rows(const JsdArgs& a);
+  // SigLIP tiles (CPU only: on CUDA the op runs its Triton kernel).
+  static void siglip_tile(const SiglipTileArgs& a);
 };
 
 }  // namespace fusedloss

@@ -49,7 +49,8 @@ struct SigmoidFocalArgs {
   const void* target;
   bool target_is_acc;        // the target's dtype is the accumulation type (else x's)
   void* grad;                // like x, or nullptr
-  void* loss;                // reduction none: (n,) of x's dtype; else nullptr
+  void* loss;                // reduction none: (n,) of x's dtype (or acc); else nullptr
+  bool loss_is_acc;          // the loss is in the accumulation type (the op's acc_loss)
   void* partials;            // reduction sum/mean: n_partials accumulation-type sums
   const void* loss_scale;    // 0-dim accumulation type: multiplies the gradient
   int64_t n, n_partials;
@@ -80,6 +81,42 @@ struct InfoNceBlockArgs {
   const void* row_lse_in;   // (N,)
   const void* col_lse_in;   // (M,) (symmetric)
   void* scale_partial;      // (N,) sum_j dlogits[i, j] * dots[i, j]
+};
+
+// ---------------------------------------------------------------- JSD rows
+// (N, V) student and teacher logits, contiguous, one row per token; the algebra is in
+// fusedloss/jsd.py. beta 0 is KL(teacher || student); the host passes beta 1 (reverse
+// KL) as beta 0 with the two sides swapped; 0 < beta < 1 is the mixture.
+struct JsdArgs {
+  DType dtype;               // of both logits and both gradients
+  const void* student;
+  const void* teacher;
+  void* grad_student;        // like student, or nullptr
+  void* grad_teacher;        // like teacher, or nullptr
+  const int64_t* target;     // (N,) or nullptr: rows equal to ignore_index are left out
+  const void* row_weight;    // (N,) accumulation type, or nullptr: multiplies each row
+  const void* loss_scale;    // 0-dim accumulation type: multiplies the gradients
+  void* loss_rows;           // (N,) accumulation type, unscaled
+  int64_t N, V, ignore_index;
+  double beta, inv_temperature;
+};
+
+// ---------------------------------------------------------------- SigLIP tiles
+// One (R, C) row-major tile of image-text dot products in the accumulation type (from a
+// GEMM in fusedloss/siglip.py, whose docstring has the algebra); row r's positive is
+// column r + diagonal, where that column exists.
+struct SiglipTileArgs {
+  DType acc;                 // kFloat or kDouble
+  void* dots;                // (R, C); with compute_grad overwritten with scale * G
+  int64_t R, C, diagonal;
+  const void* scale;         // 0-dim: logit_scale
+  const void* bias;          // 0-dim: logit_bias
+  const void* loss_scale;    // 0-dim: multiplies G
+  const void* row_weight;    // (R,), or nullptr: multiplies G per row
+  bool compute_grad;
+  void* row_loss;            // (R,) sum over the row's columns of the loss, unscaled
+  void* scale_rows;          // (R,) sum G * dots, or nullptr
+  void* bias_rows;           // (R,) sum G, or nullptr
 };
 
 }  // namespace fusedloss

@@ -256,5 +256,18 @@ FUSEDLOSS_HD void sigmoid_focal_terms(T x, T t, S alpha, S gamma, T& loss, T& dl
   dloss_dx = a_t * mg * dx;
 }
 
+// ---------------------------------------------------------------- SigLIP pairs
+// softplus(u) = log(1 + exp(u)) and sigmoid(u) for u = -z l (fusedloss/siglip.py), both
+// from e = exp(-|u|): neither overflows, and softplus keeps log1p's accuracy. S is the
+// scalar type of T (T itself, or the element type of a Vectorized).
+template <class S, class T>
+FUSEDLOSS_HD void softplus_sigmoid(T u, T& softplus, T& sigmoid) {
+  const T zero(S(0)), one(S(1));
+  const T e = fl_exp(zero - fl_abs(u));
+  const T inv = one / (one + e);
+  sigmoid = fl_select(u >= zero, inv, e * inv);
+  softplus = fl_relu(u) + fl_log1p(e);
+}
+
 }  // namespace math
 }  // namespace fusedloss

@@ -3,7 +3,9 @@
 #pragma once
 
 #include "common/info_nce_ops.h"
+#include "common/jsd_ops.h"
 #include "common/sigmoid_focal_ops.h"
+#include "common/siglip_ops.h"
 #include "common/softmax_rows_ops.h"
 
 namespace fusedloss {
@@ -16,6 +18,11 @@ void register_ops(torch::Library& m) {
   FUSEDLOSS_IMPL(m, sigmoid_focal_loss, &sigmoid_focal_loss<Device>);
   FUSEDLOSS_IMPL(m, info_nce, &info_nce<Device>);
   FUSEDLOSS_IMPL(m, info_nce_backward, &info_nce_backward<Device>);
+  // CPU-only kernels (on a GPU these ops run their Triton kernels).
+  if constexpr (Device::kType == kCPU) {
+    FUSEDLOSS_IMPL(m, jsd, &jsd<Device>);
+    FUSEDLOSS_IMPL(m, siglip_tile, &siglip_tile<Device>);
+  }
 }
 
 }  // namespace fusedloss

@@ -43,16 +43,18 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss(const schema::sigmoid_foca
   at::Tensor grad = a.compute_grad ? Device::new_grad(x) : x.new_empty({0});
   s.grad = a.compute_grad ? grad.mutable_data_ptr() : nullptr;
   at::Tensor loss, partials;
+  const at::ScalarType loss_dtype = a.acc_loss ? acc : x.scalar_type();
   if (a.reduction == 0) {
-    loss = at::empty({n}, x.options());
+    loss = at::empty({n}, x.options().dtype(loss_dtype));
     s.loss = loss.mutable_data_ptr();
+    s.loss_is_acc = a.acc_loss;
   } else {
     s.n_partials = Device::sigmoid_focal_partials(n);
     partials = at::zeros({s.n_partials}, x.options().dtype(acc));
     s.partials = partials.mutable_data_ptr();
   }
   if (n > 0) Device::sigmoid_focal(s);
-  if (a.reduction != 0) loss = Device::sum_rows(partials, loss_scale, x.scalar_type());
+  if (a.reduction != 0) loss = Device::sum_rows(partials, loss_scale, loss_dtype);
   return {loss, grad};
 }
 

@@ -111,12 +111,12 @@ SoftmaxRowsOutputs run_softmax_rows(const A& a, RowMode mode, const at::Tensor& 
   return out;
 }
 
-// The loss output: the rows themselves (reduction none) or their sum times loss_scale,
-// in `dtype`.
+// The loss output, in the accumulation type: the rows themselves (reduction none) or
+// their sum times loss_scale.
 template <class Device>
-at::Tensor reduce_loss(int64_t reduction, const SoftmaxRowsOutputs& o, at::ScalarType dtype) {
-  if (reduction == 0) return o.rows.to(dtype);
-  return Device::sum_rows(o.rows, o.loss_scale, dtype);
+at::Tensor reduce_loss(int64_t reduction, const SoftmaxRowsOutputs& o) {
+  if (reduction == 0) return o.rows;
+  return Device::sum_rows(o.rows, o.loss_scale, o.rows.scalar_type());
 }
 
 inline RowMode cross_entropy_mode(const at::Tensor& target) {
@@ -124,7 +124,8 @@ inline RowMode cross_entropy_mode(const at::Tensor& target) {
                                     : RowMode::kCrossEntropyClass;
 }
 
-// The loss is returned in the accumulation type (linear_cross_entropy sums chunks of it).
+// The three ops return the loss in the accumulation type: linear_cross_entropy sums
+// chunks of it, and the functions round it to the input's dtype (not under autocast).
 template <class Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy(
     const schema::cross_entropy& a) {
@@ -132,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy(
   const at::Tensor grad = a.compute_grad ? Device::new_grad(x) : at::Tensor();
   SoftmaxRowsOutputs o = run_softmax_rows<Device>(a, cross_entropy_mode(a.target), x, grad,
                                                   "cross_entropy");
-  return {reduce_loss<Device>(a.reduction, o, o.rows.scalar_type()), o.lse, o.entropy,
+  return {reduce_loss<Device>(a.reduction, o), o.lse, o.entropy,
           a.compute_grad ? grad : x.new_empty({0})};
 }
 
@@ -143,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_inplace(
               "(the gradient is written over it)");
   SoftmaxRowsOutputs o = run_softmax_rows<Device>(a, cross_entropy_mode(a.target), a.x, a.x,
                                                   "cross_entropy_inplace");
-  return {reduce_loss<Device>(a.reduction, o, o.rows.scalar_type()), o.lse, o.entropy};
+  return {reduce_loss<Device>(a.reduction, o), o.lse, o.entropy};
 }
 
 template <class Device>
@@ -151,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor> focal_loss(const schema::focal_loss& a) {
   const at::Tensor x = a.x.contiguous();
   const at::Tensor grad = a.compute_grad ? Device::new_grad(x) : at::Tensor();
   SoftmaxRowsOutputs o = run_softmax_rows<Device>(a, RowMode::kFocal, x, grad, "focal_loss");
-  return {reduce_loss<Device>(a.reduction, o, x.scalar_type()),
+  return {reduce_loss<Device>(a.reduction, o),
           a.compute_grad ? grad : x.new_empty({0})};
 }
 

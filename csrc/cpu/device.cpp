@@ -155,4 +155,16 @@ void Device<kCPU>::info_nce_rows_bwd(const InfoNceBlockArgs& a) {
   at::parallel_for(0, a.nb, cpu::grain_for(a.K), [&](int64_t b, int64_t e) { fn(a, b, e); });
 }
 
+template <>
+void Device<kCPU>::jsd_rows(const JsdArgs& a) {
+  const cpu::JsdFn fn = cpu::kernel_table().jsd_rows[int(a.dtype)];
+  at::parallel_for(0, a.N, cpu::grain_for(2 * a.V), [&](int64_t b, int64_t e) { fn(a, b, e); });
+}
+
+template <>
+void Device<kCPU>::siglip_tile(const SiglipTileArgs& a) {
+  const cpu::SiglipTileFn fn = cpu::kernel_table().siglip_tile[cpu::acc_index(a.acc)];
+  at::parallel_for(0, a.R, cpu::grain_for(a.C), [&](int64_t b, int64_t e) { fn(a, b, e); });
+}
+
 }  // namespace fusedloss

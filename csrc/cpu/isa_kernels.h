@@ -5,8 +5,10 @@
 
 #include "cpu/vec.h"  // first: the vector overloads of common/loss_math.h's primitives
 #include "cpu/info_nce.h"
+#include "cpu/jsd.h"
 #include "cpu/kernel_table.h"
 #include "cpu/sigmoid_focal.h"
+#include "cpu/siglip.h"
 #include "cpu/softmax_rows.h"
 
 namespace fusedloss {
@@ -34,6 +36,12 @@ inline KernelTable make_table(const char* isa) {
   t.info_nce_cols_fwd[1] = &info_nce_cols_fwd<double>;
   t.info_nce_rows_bwd[0] = &info_nce_rows_bwd<float>;
   t.info_nce_rows_bwd[1] = &info_nce_rows_bwd<double>;
+  t.jsd_rows[int(DType::kFloat)] = &jsd_rows<float>;
+  t.jsd_rows[int(DType::kDouble)] = &jsd_rows<double>;
+  t.jsd_rows[int(DType::kBFloat16)] = &jsd_rows<c10::BFloat16>;
+  t.jsd_rows[int(DType::kHalf)] = &jsd_rows<c10::Half>;
+  t.siglip_tile[0] = &siglip_tile<float>;
+  t.siglip_tile[1] = &siglip_tile<double>;
   return t;
 }
 

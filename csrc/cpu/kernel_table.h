@@ -20,6 +20,10 @@ using SigmoidFocalFn = void (*)(const SigmoidFocalArgs&, int64_t begin, int64_t 
 // Rows (forward lse / loss / diagonal; backward dlogits) or columns [begin, end) of a
 // block of InfoNCE similarities.
 using InfoNceFn = void (*)(const InfoNceBlockArgs&, int64_t begin, int64_t end);
+// Rows [begin, end) of a JSD launch.
+using JsdFn = void (*)(const JsdArgs&, int64_t begin, int64_t end);
+// Rows [begin, end) of a SigLIP tile.
+using SiglipTileFn = void (*)(const SiglipTileArgs&, int64_t begin, int64_t end);
 
 constexpr int64_t kSigmoidFocalChunk = 4096;
 
@@ -31,6 +35,8 @@ struct KernelTable {
   InfoNceFn info_nce_rows_fwd[2];  // [0]: float32, [1]: float64
   InfoNceFn info_nce_cols_fwd[2];
   InfoNceFn info_nce_rows_bwd[2];
+  JsdFn jsd_rows[kNumDTypes];
+  SiglipTileFn siglip_tile[2];     // [0]: float32, [1]: float64
 };
 
 const KernelTable& kernel_table_default();

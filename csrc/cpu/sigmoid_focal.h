@@ -22,7 +22,9 @@ void sigmoid_focal_chunks(const SigmoidFocalArgs& a, int64_t k0, int64_t k1) {
   const scalar_t* x = static_cast<const scalar_t*>(a.x);
   const tgt_t* tg = static_cast<const tgt_t*>(a.target);
   scalar_t* grad = static_cast<scalar_t*>(a.grad);
-  scalar_t* loss = static_cast<scalar_t*>(a.loss);
+  // The loss (reduction none) in x's dtype or, with loss_is_acc, in acc_t.
+  scalar_t* loss = a.loss_is_acc ? nullptr : static_cast<scalar_t*>(a.loss);
+  acc_t* loss_acc = a.loss_is_acc ? static_cast<acc_t*>(a.loss) : nullptr;
   acc_t* partials = static_cast<acc_t*>(a.partials);
   const acc_t alpha = acc_t(a.alpha), gamma = acc_t(a.gamma);
   const V vscale(*static_cast<const acc_t*>(a.loss_scale));
@@ -38,6 +40,9 @@ void sigmoid_focal_chunks(const SigmoidFocalArgs& a, int64_t k0, int64_t k1) {
       math::sigmoid_focal_terms(xv, tv, alpha, gamma, l, d);
       if (loss) {
         if (n == L) store_acc(loss + i, l); else store_acc(loss + i, l, n);
+      }
+      if (loss_acc) {
+        if (n == L) store_acc(loss_acc + i, l); else store_acc(loss_acc + i, l, n);
       }
       if (partials) vsum = vsum + (n == L ? l : V::set(V(0), l, n));
       if (grad) {

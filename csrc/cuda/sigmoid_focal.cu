@@ -21,7 +21,9 @@ __global__ void __launch_bounds__(kThreads) sigmoid_focal_kernel(SigmoidFocalArg
   __shared__ acc_t smem[3 * (kThreads / 32)];
   const scalar_t* x = static_cast<const scalar_t*>(a.x);
   const tgt_t* target = static_cast<const tgt_t*>(a.target);
-  scalar_t* loss = static_cast<scalar_t*>(a.loss);
+  // The loss (reduction none) in x's dtype or, with loss_is_acc, in acc_t.
+  scalar_t* loss = a.loss_is_acc ? nullptr : static_cast<scalar_t*>(a.loss);
+  acc_t* loss_acc = a.loss_is_acc ? static_cast<acc_t*>(a.loss) : nullptr;
   scalar_t* grad = static_cast<scalar_t*>(a.grad);
   const acc_t alpha = acc_t(a.alpha), gamma = acc_t(a.gamma);
   const acc_t ls = *static_cast<const acc_t*>(a.loss_scale);
@@ -32,6 +34,7 @@ __global__ void __launch_bounds__(kThreads) sigmoid_focal_kernel(SigmoidFocalArg
     math::sigmoid_focal_terms(static_cast<acc_t>(x[i]), static_cast<acc_t>(target[i]), alpha,
                               gamma, l, d);
     if (loss) loss[i] = static_cast<scalar_t>(l);
+    if (loss_acc) loss_acc[i] = l;
     sum += l;
     if (grad) grad[i] = static_cast<scalar_t>(d * ls);
   }
