@@ -184,10 +184,12 @@ def plot(rows, out_dir, stem):
     swept = {id(r) for group in sweeps.values() for r in group}
     rest = [r for r in rows if id(r) not in swept]
     # The end-to-end training step (seconds, not milliseconds) gets bars of its own.
+    # Its bars start at 0 (one case: a log scale would exaggerate the differences).
     for name, part in (("cases", [r for r in rest if r["loss"] != "llama_step"]),
                        ("llama_step", [r for r in rest if r["loss"] == "llama_step"])):
         if part:
-            paths.append(_bars(plt, part, Path(out_dir) / f"{stem}-{name}.png"))
+            paths.append(_bars(plt, part, Path(out_dir) / f"{stem}-{name}.png",
+                               log=name == "cases"))
     for (axis, title, label), group in sorted(sweeps.items()):
         fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
         for provider in dict.fromkeys(r["provider"] for r in group):
@@ -223,9 +225,9 @@ def plot(rows, out_dir, stem):
     return paths
 
 
-def _bars(plt, rows, path):
+def _bars(plt, rows, path, log=True):
     """fwd+bwd time (p20-p80 as error bars) and peak memory of each case, a bar per provider
-    (where a provider could not run a case, its status instead)."""
+    (where a provider could not run a case, its status instead); log: log-scale axes."""
     by_case = {_case_key(r): r for r in rows}
     cases = list(by_case)
     providers = list(dict.fromkeys(r["provider"] for r in rows))
@@ -250,7 +252,8 @@ def _bars(plt, rows, path):
         ax_m.bar([x for x, _ in mem], [m for _, m in mem], width, color=f"C{i}")
     ax_t.legend(fontsize="small")
     for ax, ylabel in ((ax_t, "fwd+bwd time (ms)"), (ax_m, "peak memory above inputs (MiB)")):
-        ax.set_yscale("log")
+        if log:
+            ax.set_yscale("log")
         ax.set_ylabel(ylabel)
         ax.grid(True, axis="y", which="both", alpha=0.3)
     labels = [f"{r['loss']}\n{r['n']}x{r['c']} {r['dtype']}\n{r['options'] or ''}".strip()
