@@ -48,6 +48,18 @@ inline at::Tensor device_scalar(const at::Tensor& v, at::ScalarType acc, const a
   return v.to(x.device(), acc).reshape({}).contiguous();
 }
 
+// An (N,) per-row vector (row_weight) in the accumulation type, contiguous; undefined
+// when absent.
+inline at::Tensor row_vector(const std::optional<at::Tensor>& v, int64_t N,
+                             at::ScalarType acc, const at::Tensor& x, const char* op,
+                             const char* name) {
+  if (!v.has_value() || !v->defined()) return at::Tensor();
+  check_device(*v, x, op, name);
+  TORCH_CHECK(v->numel() == N, "fusedloss.", op, ": ", name, " must have one entry per row (",
+              N, "), got shape ", v->sizes());
+  return v->to(acc).reshape({-1}).contiguous();
+}
+
 // A (C,) per-class vector in the accumulation type on x's device, contiguous; a
 // 1-element tensor is broadcast to all classes. Undefined when absent.
 inline at::Tensor class_vector(const std::optional<at::Tensor>& v, int64_t C,

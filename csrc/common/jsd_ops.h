@@ -52,13 +52,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jsd(const schema::jsd& a) {
     target = a.target->contiguous();
     j.target = target.const_data_ptr<int64_t>();
   }
-  if (a.row_weight.has_value() && a.row_weight->defined()) {
-    check_device(*a.row_weight, student, op, "row_weight");
-    TORCH_CHECK(a.row_weight->numel() == N, "fusedloss.", op, ": row_weight must have ", N,
-                " entries, got shape ", a.row_weight->sizes());
-    row_weight = a.row_weight->to(acc).contiguous();
-    j.row_weight = row_weight.const_data_ptr();
-  }
+  row_weight = row_vector(a.row_weight, N, acc, student, op, "row_weight");
+  j.row_weight = row_weight.defined() ? row_weight.const_data_ptr() : nullptr;
   const at::Tensor loss_scale = device_scalar(a.loss_scale, acc, student, op, "loss_scale");
   j.loss_scale = loss_scale.const_data_ptr();
   at::Tensor rows = at::empty({N}, student.options().dtype(acc));

@@ -31,13 +31,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> siglip_tile(const schema::siglip_
   const at::Tensor scale = device_scalar(a.logit_scale, acc, dots, op, "logit_scale");
   const at::Tensor bias = device_scalar(a.logit_bias, acc, dots, op, "logit_bias");
   const at::Tensor loss_scale = device_scalar(a.loss_scale, acc, dots, op, "loss_scale");
-  at::Tensor row_weight;
-  if (a.row_weight.has_value() && a.row_weight->defined()) {
-    TORCH_CHECK(a.row_weight->numel() == R, "fusedloss.", op, ": row_weight must have one "
-                "entry per row (", R, "), got shape ", a.row_weight->sizes());
-    check_device(*a.row_weight, dots, op, "row_weight");
-    row_weight = a.row_weight->to(acc).contiguous();
-  }
+  const at::Tensor row_weight = row_vector(a.row_weight, R, acc, dots, op, "row_weight");
   const auto opts = dots.options();
   at::Tensor row_loss = at::empty({R}, opts);
   at::Tensor scale_rows = at::empty({a.compute_grad ? R : 0}, opts);

@@ -95,13 +95,8 @@ SoftmaxRowsOutputs run_softmax_rows(const A& a, RowMode mode, const at::Tensor& 
     r.lse = out.lse.mutable_data_ptr();
     out.entropy = at::empty({a.compute_entropy ? N : 0}, x.options().dtype(acc));
     r.entropy = a.compute_entropy ? out.entropy.mutable_data_ptr() : nullptr;
-    if (a.row_weight.has_value() && a.row_weight->defined()) {
-      check_device(*a.row_weight, x, op, "row_weight");
-      TORCH_CHECK(a.row_weight->numel() == N, "fusedloss.", op, ": row_weight must have ", N,
-                  " entries (B*S), got shape ", a.row_weight->sizes());
-      row_weight = a.row_weight->to(acc).contiguous();
-      r.row_weight = row_weight.const_data_ptr();
-    }
+    row_weight = row_vector(a.row_weight, N, acc, x, op, "row_weight");
+    r.row_weight = row_weight.defined() ? row_weight.const_data_ptr() : nullptr;
   }
   // Only label smoothing reads sum_c w_c (W in the algebra).
   const at::Tensor weight_sum =
