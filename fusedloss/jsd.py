@@ -73,7 +73,8 @@ def check_target(target, positions, device):
         return None
     _checks.tensor("target", target)
     if target.dtype not in (torch.int64, torch.int32, torch.uint8):
-        raise TypeError(f"target must hold class indices (int64), got {target.dtype}")
+        raise TypeError(f"target must hold class indices (int64, int32 or uint8), got "
+                        f"{target.dtype}")
     if tuple(target.shape) != tuple(positions):
         raise ValueError(f"target must have one entry per row, shape {tuple(positions)}, "
                          f"got {tuple(target.shape)}")
