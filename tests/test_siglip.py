@@ -131,7 +131,7 @@ def test_module_compiled_with_learnt_scalars(kernel_backend, device):
 def test_memory_stays_tiled():
     """No allocation of the fused CPU path comes near N x N values (the eager formula's
     logits): the largest is a gradient or a tile."""
-    if fusedloss.available_backends("cpu").count("cpu") == 0:
+    if "cpu" not in fusedloss.available_backends("cpu"):
         pytest.skip("the C++ extension is not built here")
     n, d = 2048, 16
     a = leaves(*make(n, d, torch.float32, "cpu"))
