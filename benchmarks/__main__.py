@@ -10,6 +10,7 @@ to --out DIR (--out benchmarks/results refreshes the committed results of a chec
 """
 import argparse
 import datetime
+import importlib.util
 import subprocess
 import sys
 import time
@@ -134,6 +135,9 @@ def main(argv=None):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available() and not args.list:
         sys.exit("fusedloss-bench: --device cuda, but torch sees no CUDA device")
+    if not args.no_plots and not args.list and importlib.util.find_spec("matplotlib") is None:
+        sys.exit("fusedloss-bench: the plots need matplotlib (pip install matplotlib); "
+                 "or pass --no-plots")
     suite = "full" if args.full else "quick" if args.quick else \
         ("quick" if device == "cpu" else "full")
     cases = cases_mod.select_cases(device, suite, args.loss, args.dtype, args.shapes,

@@ -54,10 +54,21 @@ def functorch_active():
 # are (no copy) and only the loss comes out in float32. Matrix products (the logits of
 # linear_cross_entropy and info_nce) are on the lower-precision list: they run in
 # autocast's dtype.
+# Device type -> whether autocast exists for it, read outside compiled code: dynamo before
+# torch 2.12 cannot trace torch.amp.is_autocast_available, and is_autocast_enabled raises
+# for device types without autocast (meta).
+_AUTOCAST_AVAILABLE = {kind: torch.amp.is_autocast_available(kind) for kind in ("cpu", "cuda", "meta")}
+
+
 def autocast_on(device):
     """Whether autocast is enabled for tensors on `device`."""
     kind = device.type
-    return torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+    available = _AUTOCAST_AVAILABLE.get(kind)
+    if available is None:
+        available = torch.amp.is_autocast_available(kind)
+        if not torch.compiler.is_compiling():
+            _AUTOCAST_AVAILABLE[kind] = available
+    return available and torch.is_autocast_enabled(kind)
 
 
 def autocast_off(device):

@@ -135,9 +135,11 @@ def checkpointed_chunks(chunk, n, chunk_size, *rows):
     # N; one chunk (an empty batch too) takes the rows unsliced.
     slices = [slice(None)] if n <= chunk_size else \
         [slice(i * chunk_size, (i + 1) * chunk_size) for i in range(-(-n // chunk_size))]
-    # torch.func transforms refuse checkpoint's saved-tensor hooks: there, autograd keeps
-    # the chunks' logits.
-    checkpointed = torch.is_grad_enabled() and not functorch_active()
+    # torch.func transforms refuse checkpoint's saved-tensor hooks, and torch.jit.trace
+    # would record checkpoint's bookkeeping only when grad is on (torch < 2.12 then fails
+    # the trace's check, run without grad): there, autograd keeps the chunks' logits.
+    checkpointed = (torch.is_grad_enabled() and not functorch_active()
+                    and not torch.jit.is_tracing())
     pieces = []
     for sl in slices:
         args = [r[sl] if r is not None else None for r in rows]

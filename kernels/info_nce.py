@@ -18,7 +18,8 @@ def _sim_tile(a_ptr, a_rows, a_mask, b_ptr, b_rows, b_mask, D,
 
     On the GPU the inputs go to tl.dot in their own dtype (DOT_DTYPE) with an ACC
     accumulator: bf16/fp16 on the tensor cores, float32 in IEEE precision (no TF32
-    rounding), float64 as float64. The interpreter's dot multiplies bf16 bit patterns as
+    rounding), float64 as float64 (out_dtype names the accumulator's dtype: triton before
+    3.8 assumes float32 otherwise). The interpreter's dot multiplies bf16 bit patterns as
     integers, so there the launcher sets DOT_DTYPE = float32: exact products of the same
     bf16 values, the same fp32 accumulation.
     """
@@ -31,7 +32,7 @@ def _sim_tile(a_ptr, a_rows, a_mask, b_ptr, b_rows, b_mask, D,
         a = tl.load(a_ptr + a_base + d0 + d[None, :], mask=a_mask[:, None] & d_mask, other=0.0)
         b = tl.load(b_ptr + b_base + d0 + d[None, :], mask=b_mask[:, None] & d_mask, other=0.0)
         acc = tl.dot(a.to(DOT_DTYPE), tl.trans(b.to(DOT_DTYPE)), acc,
-                     input_precision=DOT_PRECISION)
+                     input_precision=DOT_PRECISION, out_dtype=acc.dtype)
     return acc
 
 
@@ -132,7 +133,7 @@ def _info_nce_dq_block(dq, gs, q_ptr, rows, row_mask, pos, grad_row, row_lse, b_
                     mask=c_mask[:, None] & d_out_mask[None, :], other=0.0)
         # dlogits round to the input dtype for the tensor cores, as flash-attention's P.
         dq = tl.dot(dl.to(b.dtype).to(DOT_DTYPE), b.to(DOT_DTYPE), dq,
-                    input_precision=DOT_PRECISION)
+                    input_precision=DOT_PRECISION, out_dtype=dq.dtype)
     return dq, gs
 
 
@@ -232,7 +233,7 @@ def _info_nce_bwd_dk_kernel(
         q = tl.load(q_ptr + r.to(tl.int64)[:, None] * D + d_out[None, :],
                     mask=r_mask[:, None] & d_out_mask[None, :], other=0.0)
         db = tl.dot(tl.trans(dl).to(q.dtype).to(DOT_DTYPE), q.to(DOT_DTYPE), db,
-                    input_precision=DOT_PRECISION)
+                    input_precision=DOT_PRECISION, out_dtype=db.dtype)
     tl.store(db_ptr + cb.to(tl.int64)[:, None] * D + d_out[None, :],
              (db * scale).to(db_ptr.dtype.element_ty),
              mask=cb_mask[:, None] & d_out_mask[None, :])

@@ -142,3 +142,17 @@ def test_skip_suite_and_time_budget(tmp_path, capsys, monkeypatch):
     data = json.loads((tmp_path / "latest-cpu.json").read_text())
     assert data["rows"] == []
     assert sum("past the time budget" in note for note in data["notes"]) == 2
+
+
+def test_plots_need_matplotlib_before_the_run(tmp_path, monkeypatch):
+    """Without matplotlib a run that would plot stops before measuring, naming the fix."""
+    find_spec = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+    monkeypatch.setattr(measure, "run_case_isolated",
+                        lambda *a, **k: pytest.fail("measured without matplotlib"))
+    args = ["--device", "cpu", "--loss", "ce", "--shapes", "8x16", "--providers", "torch",
+            "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match="pip install matplotlib.*--no-plots"):
+        cli.main(args)
+    assert not any(tmp_path.iterdir())

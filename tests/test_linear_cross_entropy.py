@@ -12,6 +12,11 @@ from test_cross_entropy import ce_formula
 
 N, D, C = 37, 16, 50
 
+# torch's own F.linear_cross_entropy / nn.LinearCrossEntropyLoss (torch 2.14 and later).
+TORCH_LCE = hasattr(F, "linear_cross_entropy")
+needs_torch_lce = pytest.mark.skipif(
+    not TORCH_LCE, reason=f"torch {torch.__version__} has no F.linear_cross_entropy")
+
 
 def linear_formula(x, w, t, *, linear_bias=None, weight=None, reduction="mean",
                    ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None,
@@ -29,6 +34,11 @@ def linear_formula(x, w, t, *, linear_bias=None, weight=None, reduction="mean",
     out = ce_formula(logits, t, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss,
                      softcap=softcap, logit_scale=logit_scale, token_weight=token_weight)
     return out[0] if x.dim() == 1 and reduction == "none" else out
+
+
+def torch_lce(x, w, t, **kwargs):
+    """torch's F.linear_cross_entropy where this torch has it, else the formula above."""
+    return (F.linear_cross_entropy if TORCH_LCE else linear_formula)(x, w, t, **kwargs)
 
 
 def make(dtype, device, n=N, d=D, c=C, bias=True, target_kind="index", out=()):
@@ -73,6 +83,7 @@ def test_matches_formula_float64(backend, device, chunk_size, target_kind, combo
     assert_matches(ours, expected, leaves_a, leaves_b)
 
 
+@needs_torch_lce
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 def test_matches_torch_linear_cross_entropy(backend, device, reduction):
     """torch's own function, on its reference path and on its chunked path."""
@@ -112,8 +123,8 @@ def test_k_dimensional(backend, device, out):
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
         ours = fusedloss.linear_cross_entropy(xa, w, t, linear_bias=b, reduction=reduction,
                                               chunk_size=4, backend=backend)
-        assert_matches(ours, F.linear_cross_entropy(xb, w, t, linear_bias=b,
-                                                    reduction=reduction), [xa], [xb])
+        assert_matches(ours, torch_lce(xb, w, t, linear_bias=b, reduction=reduction),
+                       [xa], [xb])
 
 
 def test_unbatched_input(backend, device):
@@ -122,7 +133,7 @@ def test_unbatched_input(backend, device):
     xb = x.detach().clone().requires_grad_()
     ours = fusedloss.linear_cross_entropy(x, w, t, linear_bias=b, backend=backend)
     assert ours.shape == ()
-    assert_matches(ours, F.linear_cross_entropy(xb, w, t, linear_bias=b), [x], [xb])
+    assert_matches(ours, torch_lce(xb, w, t, linear_bias=b), [x], [xb])
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
@@ -133,7 +144,7 @@ def test_all_ignored_and_empty(backend, device, reduction):
         xa, xb = x[:rows].clone().requires_grad_(), x[:rows].clone().requires_grad_()
         ours = fusedloss.linear_cross_entropy(xa, w, t[:rows], linear_bias=b,
                                               reduction=reduction, backend=backend)
-        expected = F.linear_cross_entropy(xb, w, t[:rows], linear_bias=b, reduction=reduction)
+        expected = torch_lce(xb, w, t[:rows], linear_bias=b, reduction=reduction)
         assert ours.shape == expected.shape
         assert_close(ours, expected)  # mean: NaN, as torch
         if rows:
@@ -169,6 +180,7 @@ def test_second_backward_needs_reusable_graph(kernel_backend, device):
     assert_close(w.grad, 2 * wb.grad)
 
 
+@needs_torch_lce
 def test_module_is_drop_in(backend, device):
     """Same constructor, same state_dict keys, same losses and weights as torch's module
     over a few training steps."""
@@ -200,6 +212,7 @@ def test_module_is_drop_in(backend, device):
     m.load_state_dict(sb)
 
 
+@needs_torch_lce
 def test_k_dimensional_module_matches_torch():
     a = fusedloss.LinearCrossEntropyLoss(8, 5, out_features=(3,), bias=True)
     b = torch.nn.LinearCrossEntropyLoss(8, 5, out_features=(3,), bias=True)
@@ -208,6 +221,7 @@ def test_k_dimensional_module_matches_torch():
     assert_close(a(x, t), b(x, t), torch.float32)
 
 
+@needs_torch_lce
 def test_options_are_accepted():
     x, w, b, t = make(torch.float32, "cpu")
     opts = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=8)
