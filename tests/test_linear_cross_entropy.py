@@ -36,9 +36,13 @@ def linear_formula(x, w, t, *, linear_bias=None, weight=None, reduction="mean",
     return out[0] if x.dim() == 1 and reduction == "none" else out
 
 
-def torch_lce(x, w, t, **kwargs):
-    """torch's F.linear_cross_entropy where this torch has it, else the formula above."""
-    return (F.linear_cross_entropy if TORCH_LCE else linear_formula)(x, w, t, **kwargs)
+def torch_lce(x, w, t, linear_bias=None, reduction="mean"):
+    """torch's F.linear_cross_entropy; before torch 2.14, what it is defined as:
+    F.cross_entropy of F.linear's logits (N, C, d...) for a weight (C, d..., D)."""
+    if TORCH_LCE:
+        return F.linear_cross_entropy(x, w, t, linear_bias=linear_bias, reduction=reduction)
+    logits = F.linear(x, w.flatten(0, -2), None if linear_bias is None else linear_bias.flatten())
+    return F.cross_entropy(logits.unflatten(-1, w.shape[:-1]), t, reduction=reduction)
 
 
 def make(dtype, device, n=N, d=D, c=C, bias=True, target_kind="index", out=()):
