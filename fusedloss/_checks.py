@@ -48,7 +48,10 @@ def number(name, value, *, low=None, high=None, low_open=False, allow_none=False
         return None
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, *SYMBOLIC)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = torch.sym_float(value)
+    # As a float, a SymInt as a SymFloat (value * 1.0: dynamo before torch 2.6 cannot
+    # trace torch.sym_float).
+    if not isinstance(value, torch.SymFloat):
+        value = value * 1.0 if isinstance(value, torch.SymInt) else float(value)
     # Comparisons, not math.isnan: they hold for symbolic values too, and NaN fails them.
     if not -math.inf < value < math.inf:
         raise ValueError(f"{name} must be finite, got {value}")

@@ -88,10 +88,11 @@ def autocast_operands(*tensors):
     """The operands of a matrix product as torch's autocast casts them: under autocast,
     floating tensors other than float64 in autocast's dtype; otherwise (and None) as
     given."""
-    device = next((t.device for t in tensors if isinstance(t, torch.Tensor)), None)
-    if device is None or not autocast_on(device):
+    # A list, not next(generator, None): dynamo before torch 2.6 cannot trace that.
+    devices = [t.device for t in tensors if isinstance(t, torch.Tensor)]
+    if not devices or not autocast_on(devices[0]):
         return tensors
-    dtype = torch.get_autocast_dtype(device.type)
+    dtype = torch.get_autocast_dtype(devices[0].type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
                  and t.dtype != torch.float64 else t for t in tensors)
 

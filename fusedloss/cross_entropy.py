@@ -310,8 +310,8 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     x = as_bcs(input, class_dim)
     target_k = as_bcs(target.to(input.dtype), class_dim) if o.prob_target \
         else target.reshape(-1).long()
-    kwargs = dict(kernel_args(o, target_k, weight, token_weight, input),
-                  compute_entropy=return_entropy)
+    kwargs = {**kernel_args(o, target_k, weight, token_weight, input),
+              "compute_entropy": return_entropy}
     compute_grad = input.requires_grad and torch.is_grad_enabled()
     if inplace_backward and compute_grad and not torch.compiler.is_compiling() \
             and not _library.reusable_graph_active():

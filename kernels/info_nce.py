@@ -9,6 +9,22 @@ from fusedloss import _backends
 from fusedloss.kernels._launch import INTERPRET_BLOCK_NCE, TL_DTYPE, np2, tl_acc
 from fusedloss.kernels._math import online_lse_update
 
+# tl.dot takes float64 operands in triton 3.6 and later (seen: 3.6 and 3.8 take them, 3.1
+# refuses them); before, float64 tiles multiply through _mm's sum of products.
+FLOAT64_DOT = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 6)
+
+
+@triton.jit
+def _mm(a, b, acc, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b. tl.dot of the operands in DOT_DTYPE, into acc's dtype (named: triton
+    before 3.8 assumes float32); or, DOT_PRECISION == "sum" (float64 where triton's dot
+    refuses it, before 3.6), the products summed in acc's dtype."""
+    if DOT_PRECISION == "sum":
+        return acc + tl.sum(a.to(acc.dtype)[:, :, None] * b.to(acc.dtype)[None, :, :], axis=1)
+    else:
+        return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
+                      out_dtype=acc.dtype)
+
 
 @triton.jit
 def _sim_tile(a_ptr, a_rows, a_mask, b_ptr, b_rows, b_mask, D,
@@ -18,10 +34,9 @@ def _sim_tile(a_ptr, a_rows, a_mask, b_ptr, b_rows, b_mask, D,
 
     On the GPU the inputs go to tl.dot in their own dtype (DOT_DTYPE) with an ACC
     accumulator: bf16/fp16 on the tensor cores, float32 in IEEE precision (no TF32
-    rounding), float64 as float64 (out_dtype names the accumulator's dtype: triton before
-    3.8 assumes float32 otherwise). The interpreter's dot multiplies bf16 bit patterns as
-    integers, so there the launcher sets DOT_DTYPE = float32: exact products of the same
-    bf16 values, the same fp32 accumulation.
+    rounding), float64 as float64 (see _mm). The interpreter's dot multiplies bf16 bit
+    patterns as integers, so there the launcher sets DOT_DTYPE = float32: exact products of
+    the same bf16 values, the same fp32 accumulation.
     """
     d = tl.arange(0, BLOCK_D)
     a_base = a_rows.to(tl.int64)[:, None] * D
@@ -31,8 +46,7 @@ def _sim_tile(a_ptr, a_rows, a_mask, b_ptr, b_rows, b_mask, D,
         d_mask = (d0 + d < D)[None, :]
         a = tl.load(a_ptr + a_base + d0 + d[None, :], mask=a_mask[:, None] & d_mask, other=0.0)
         b = tl.load(b_ptr + b_base + d0 + d[None, :], mask=b_mask[:, None] & d_mask, other=0.0)
-        acc = tl.dot(a.to(DOT_DTYPE), tl.trans(b.to(DOT_DTYPE)), acc,
-                     input_precision=DOT_PRECISION, out_dtype=acc.dtype)
+        acc = _mm(a, tl.trans(b), acc, DOT_DTYPE, DOT_PRECISION)
     return acc
 
 
@@ -132,8 +146,7 @@ def _info_nce_dq_block(dq, gs, q_ptr, rows, row_mask, pos, grad_row, row_lse, b_
         b = tl.load(b_ptr + c.to(tl.int64)[:, None] * D + d_out[None, :],
                     mask=c_mask[:, None] & d_out_mask[None, :], other=0.0)
         # dlogits round to the input dtype for the tensor cores, as flash-attention's P.
-        dq = tl.dot(dl.to(b.dtype).to(DOT_DTYPE), b.to(DOT_DTYPE), dq,
-                    input_precision=DOT_PRECISION, out_dtype=dq.dtype)
+        dq = _mm(dl.to(b.dtype), b, dq, DOT_DTYPE, DOT_PRECISION)
     return dq, gs
 
 
@@ -232,8 +245,7 @@ def _info_nce_bwd_dk_kernel(
                                    grad_row, row_lse, grad_row, row_lse, False)
         q = tl.load(q_ptr + r.to(tl.int64)[:, None] * D + d_out[None, :],
                     mask=r_mask[:, None] & d_out_mask[None, :], other=0.0)
-        db = tl.dot(tl.trans(dl).to(q.dtype).to(DOT_DTYPE), q.to(DOT_DTYPE), db,
-                    input_precision=DOT_PRECISION, out_dtype=db.dtype)
+        db = _mm(tl.trans(dl).to(q.dtype), q, db, DOT_DTYPE, DOT_PRECISION)
     tl.store(db_ptr + cb.to(tl.int64)[:, None] * D + d_out[None, :],
              (db * scale).to(db_ptr.dtype.element_ty),
              mask=cb_mask[:, None] & d_out_mask[None, :])
@@ -251,6 +263,8 @@ def _nce_meta(dtype, D):
         b = INTERPRET_BLOCK_NCE
         return dict(BLOCK_N=b, BLOCK_M=b, BLOCK_D=min(d, b), BLOCK_DOUT=min(d, b),
                     num_warps=1)
+    if dtype == torch.float64 and not FLOAT64_DOT:  # [16, 16, 16] product tiles
+        return dict(BLOCK_N=16, BLOCK_M=16, BLOCK_D=16, BLOCK_DOUT=16, num_warps=4)
     if dtype == torch.float64:
         return dict(BLOCK_N=32, BLOCK_M=32, BLOCK_D=min(d, 32), BLOCK_DOUT=min(d, 32),
                     num_warps=4)
@@ -266,6 +280,8 @@ def _dot_meta(dtype):
         dot_dtype = tl.float32  # the interpreter's dot is wrong on bf16 operands
     # IEEE for float32 (TF32 would round the inputs to 10 mantissa bits) and float64.
     precision = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    if dtype == torch.float64 and not FLOAT64_DOT:
+        precision = "sum"
     return dict(DOT_DTYPE=dot_dtype, DOT_PRECISION=precision)
 
 

@@ -59,6 +59,16 @@ def test_matches_formula_float64(backend, device, case, reduction):
     assert_matches(ours, expected, a, b)
 
 
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize("case", ["symmetric_negatives", "labels"])
+def test_float64_without_float64_dot(backend, device, case, monkeypatch):
+    """Triton before 3.6 refuses float64 in tl.dot: there the kernels multiply float64
+    tiles as a sum of products, forced here on any triton."""
+    from fusedloss.kernels import info_nce as kernels
+    monkeypatch.setattr(kernels, "FLOAT64_DOT", False)
+    test_matches_formula_float64(backend, device, case, "mean")
+
+
 @pytest.mark.parametrize("case", ["diagonal", "symmetric_negatives", "labels"])
 def test_float32_with_temperature(backend, device, case):
     q, k, neg, labels, sym = make(case, torch.float32, device, d=40)
