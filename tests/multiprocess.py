@@ -3,7 +3,9 @@ bounded by a timeout, so that a hang fails instead of stalling CI."""
 import datetime
 import os
 import socket
+import time
 import traceback
+from multiprocessing.connection import wait
 
 import pytest
 import torch.multiprocessing as mp
@@ -17,7 +19,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _entry(fn, rank, world_size, port, errors, args):
+def _entry(fn, rank, world_size, port, errors, done, args):
     import torch.distributed as dist
     os.environ.setdefault("TRITON_INTERPRET", "1")  # as conftest: Triton on CPU tensors
     try:
@@ -26,6 +28,7 @@ def _entry(fn, rank, world_size, port, errors, args):
                                 timeout=datetime.timedelta(seconds=TIMEOUT_S // 2))
         try:
             fn(rank, world_size, *args)
+            done.put(rank)
         finally:
             dist.destroy_process_group()
     except BaseException:  # noqa: B902 - report anything, including a failed assert
@@ -37,24 +40,37 @@ def run_ranks(fn, world_size, *args, timeout=TIMEOUT_S):
     """Run fn(rank, world_size, *args) on `world_size` spawned ranks of a gloo group;
     fail with the first rank's traceback, or when they have not all ended in `timeout`."""
     ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
+    errors, done = ctx.SimpleQueue(), ctx.SimpleQueue()
     port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, rank, world_size, port, errors, args),
+    procs = [ctx.Process(target=_entry, args=(fn, rank, world_size, port, errors, done, args),
                          daemon=True) for rank in range(world_size)]
     for p in procs:
         p.start()
-    deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
+    # Wait until every rank has done its work, one has failed (the others may wait on it
+    # until the group's own timeout), or the deadline. A rank whose work is done gets a
+    # grace period to leave: torch 2.5's gloo can hang in destroy_process_group after it.
+    deadline = time.monotonic() + timeout
+    finished = set()
+    while time.monotonic() < deadline:
+        wait([p.sentinel for p in procs if p.is_alive()], timeout=0.2)
+        while not done.empty():
+            finished.add(done.get())
+        if any(p.exitcode not in (None, 0) for p in procs):
+            break
+        if all(rank in finished or not p.is_alive() for rank, p in enumerate(procs)):
+            for p in procs:
+                p.join(10)
+            break
+    hung = [p for rank, p in enumerate(procs) if p.is_alive() and rank not in finished]
+    bad = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
     for p in procs:
-        p.join(max(0.0, (deadline - datetime.datetime.now()).total_seconds()))
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
+        if p.is_alive():
+            p.kill()
     if not errors.empty():
         rank, text = errors.get()
         pytest.fail(f"rank {rank} of {world_size} failed:\n{text}")
+    if bad:
+        pytest.fail(f"ranks exited with {bad}" + (f"; {len(hung)} killed" if hung else ""))
     if hung:
         pytest.fail(f"{len(hung)} of {world_size} ranks still running after {timeout} s "
                     "(a hang): killed")
-    bad = [p.exitcode for p in procs if p.exitcode != 0]
-    if bad:
-        pytest.fail(f"ranks exited with {bad}")

@@ -1,5 +1,7 @@
 """The losses over a torch.distributed group (gloo, spawned ranks): each equal, loss and
 gradients in float64, to the single-process call on the concatenated tensors."""
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -311,3 +313,18 @@ def test_example_runs_under_torchrun():
                           capture_output=True, text=True, timeout=300, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "both match a single process (2 ranks" in proc.stdout
+
+
+def _one_rank_fails(rank, world_size):
+    if rank == 1:
+        raise ValueError("rank 1 breaks")
+    time.sleep(600)  # rank 0 would wait on rank 1 for much longer than the test allows
+
+
+def test_a_failed_rank_ends_the_run_at_once():
+    """The harness itself: a rank that fails ends the run with its traceback, the others
+    killed, instead of waiting for them until the timeout."""
+    started = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match="(?s)rank 1 of 2 failed.*rank 1 breaks"):
+        run_ranks(_one_rank_fails, 2, timeout=240)
+    assert time.monotonic() - started < 120
