@@ -57,7 +57,8 @@ def functorch_active():
 # Device type -> whether autocast exists for it, read outside compiled code: dynamo before
 # torch 2.12 cannot trace torch.amp.is_autocast_available, and is_autocast_enabled raises
 # for device types without autocast (meta).
-_AUTOCAST_AVAILABLE = {kind: torch.amp.is_autocast_available(kind) for kind in ("cpu", "cuda", "meta")}
+_AUTOCAST_AVAILABLE = {kind: torch.amp.is_autocast_available(kind)
+                       for kind in ("cpu", "cuda", "meta")}
 
 
 def autocast_on(device):
