@@ -1,6 +1,16 @@
 """The fusedloss benchmark runner: `fusedloss-bench` or `python -m benchmarks`.
 
-Modules: cases (what is measured), providers (who is measured), measure (how: timing,
-peak memory, one worker process per case), report (files, table, plots). The columns
-are explained in benchmarks/README.md.
+Its modules import only downwards, in these layers (tests/test_benchmarks.py checks that
+the graph, function-level imports included, has no circle):
+
+  measure, llama      how a step is timed and its peak memory taken, one worker process
+                      per case; the small Llama of the end-to-end case
+  cases, distributed, what is measured (the suites); the world > 1 cases on gloo ranks;
+  progress            the progress bar and its estimate of the time left
+  providers           who is measured (fusedloss's backends, eager torch, torch.compile, peers)
+  report              files, table and plots
+  __main__, e2e       the commands: the runner, and the Llama training step alone
+
+gpu_validate/ (the one-command GPU run) stands apart: it runs the runner as a command.
+The columns are explained in benchmarks/README.md.
 """

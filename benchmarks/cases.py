@@ -3,12 +3,15 @@
 A case is one loss at one size, dtype and option set. `shape` is (N, C): N rows and C
 classes (the vocabulary V for cross-entropy) for the softmax losses, N anchors by C
 classes for sigmoid focal, N (query, key) pairs of dimension D = C for InfoNCE, N (image,
-text) pairs of dimension D = C for SigLIP, and N tokens against a vocabulary of C for linear_cross_entropy, whose hidden size is `d`.
+text) pairs of dimension D = C for SigLIP, and N tokens against a vocabulary of C for
+linear_cross_entropy, whose hidden size is `d`. The suites are the table SUITES below.
 """
 import dataclasses
 import itertools
 
 import torch
+
+from . import llama
 
 LOSSES = ("cross_entropy", "focal", "sigmoid_focal", "info_nce", "linear_cross_entropy", "jsd",
           "linear_jsd", "siglip", "llama_step")
@@ -39,6 +42,10 @@ class Case:
     world: int = 1                 # > 1: that many gloo ranks (benchmarks/distributed.py)
     exchange: str = ""             # info_nce across ranks: "all_gather" or "ring"
     beta: float = 0.5              # jsd, linear_jsd: 0 forward KL, 1 reverse KL
+    # The providers a suite runs on this case unless --providers names others (names as
+    # --providers takes them); empty: every default provider. Not part of the case's
+    # identity: the same case in two suites is one case.
+    providers: tuple = dataclasses.field(default=(), compare=False)
 
     @property
     def torch_dtype(self):
@@ -157,8 +164,8 @@ def _grid(loss, ns, cs, dtypes, **options):
 
 
 # ---------------------------------------------------------------- end to end: a training step
-# One training step of a small Llama through transformers (benchmarks/e2e.py), run by the
-# "hf*" providers only. Its sizes: N tokens in sequences of `seq`, vocabulary C, hidden d.
+# One training step of a small Llama through transformers (benchmarks/llama.py), run by
+# the "hf*" providers only. Its sizes: N tokens in sequences of `seq`, vocabulary C, hidden d.
 @dataclasses.dataclass(frozen=True)
 class LlamaStep(Case):
     seq: int = 512
@@ -179,21 +186,29 @@ class LlamaStep(Case):
 
     def make_inputs(self, device, rank=0):
         """The token ids, which are the labels too: (N / seq, seq)."""
-        from . import e2e
         s = self.sizes()
-        return (e2e.token_ids(s["batch"], s["seq"], s["vocab"], device),)
+        return (llama.token_ids(s["batch"], s["seq"], s["vocab"], device),)
 
     def min_bytes(self):
-        from . import e2e
-        return e2e.step_min_bytes(**self.sizes(), itemsize=self.torch_dtype.itemsize)
+        return llama.step_min_bytes(**self.sizes(), itemsize=self.torch_dtype.itemsize)
 
     def flops(self):
-        from . import e2e
-        return e2e.step_flops(**self.sizes())
+        return llama.step_flops(**self.sizes())
 
 
 # The one table of cases: (device type, suite) -> cases. A CPU runs float32 only.
+#   first  the default: one case of each loss family, fusedloss against eager torch
+#          (torch.compile on cross-entropy only: its first compile in a fresh worker takes
+#          10-25 s a case on 2 cores), sized so that the whole run, worker starts and
+#          plots included, ends within 2.5 minutes on 2 CPU cores shared with other work
+#          (68 to 90 s measured at a load of 2 to 4); the Llama step alone would take
+#          ~35 s there, so it is left to `full`;
+#   full   every loss with its options against every provider (about 20 minutes on 2
+#          CPU cores); on a GPU the sizes the kernels are tuned for;
+#   large  size sweeps on top of that.
 # Sweeps with >= 3 sizes get plots of time and memory against that size.
+SUITE_NAMES = ("first", "full", "large")
+FIRST_PROVIDERS = ("fusedloss", "torch")
 # Past one device, on this machine's cores (gloo ranks): vocab-parallel cross-entropy
 # (N x V split over the ranks) and InfoNCE at a fixed batch per rank, as P grows.
 DISTRIBUTED = [
@@ -204,7 +219,17 @@ DISTRIBUTED = [
 ]
 
 SUITES = {
-    ("cpu", "quick"): [  # a few minutes on 2 cores, torch.compile warm-up included
+    ("cpu", "first"): [
+        Case("cross_entropy", 1024, 32000, providers=FIRST_PROVIDERS + ("torch.compile",)),
+        Case("focal", 2048, 8192, providers=FIRST_PROVIDERS),
+        Case("sigmoid_focal", 16384, 80, providers=FIRST_PROVIDERS),
+        Case("info_nce", 1024, 512, symmetric=True, providers=FIRST_PROVIDERS),
+        Case("linear_cross_entropy", 256, 32000, d=256, providers=FIRST_PROVIDERS),
+        Case("jsd", 256, 32000, beta=0.0, providers=FIRST_PROVIDERS),
+        Case("siglip", 1024, 512, providers=FIRST_PROVIDERS),
+        Case("cross_entropy", 256, 32000, world=2),
+    ],
+    ("cpu", "full"): [  # about 20 minutes on 2 cores, torch.compile warm-up included
         *_grid("cross_entropy", [1024], [8192, 16384, 32000, 65536], ["float32"]),
         Case("cross_entropy", 4096, 32000, label_smoothing=0.1),  # the C++ kernel's target
         Case("cross_entropy", 4096, 32000, label_smoothing=0.1, ignore_frac=0.25),
@@ -226,7 +251,7 @@ SUITES = {
         *DISTRIBUTED,
         LlamaStep("llama_step", 8 * 512, 32000, d=256),  # end to end: one training step
     ],
-    ("cpu", "full"): [
+    ("cpu", "large"): [
         *_grid("cross_entropy", [1024], [8192, 16384, 32000, 65536, 128256], ["float32"]),
         *_grid("cross_entropy", [1024, 2048, 4096, 8192], [32000], ["float32"],
                label_smoothing=0.1),
@@ -246,7 +271,19 @@ SUITES = {
         *DISTRIBUTED,
         LlamaStep("llama_step", 8 * 512, 32000, d=256),
     ],
-    ("cuda", "quick"): [
+    ("cuda", "first"): [
+        Case("cross_entropy", 4096, 128256, "bfloat16",
+             providers=FIRST_PROVIDERS + ("torch.compile",)),
+        Case("focal", 4096, 32000, "bfloat16", providers=FIRST_PROVIDERS),
+        Case("sigmoid_focal", 262144, 80, "bfloat16", providers=FIRST_PROVIDERS),
+        Case("info_nce", 16384, 512, "bfloat16", symmetric=True, providers=FIRST_PROVIDERS),
+        Case("linear_cross_entropy", 8192, 128256, "bfloat16", d=4096,
+             providers=FIRST_PROVIDERS),
+        Case("jsd", 4096, 128256, "bfloat16", providers=FIRST_PROVIDERS),
+        Case("siglip", 16384, 512, "bfloat16", providers=FIRST_PROVIDERS),
+        LlamaStep("llama_step", 8 * 512, 32000, "bfloat16", d=256),
+    ],
+    ("cuda", "full"): [
         *_grid("cross_entropy", [4096], [32000, 128256, 256000], ["bfloat16"]),
         Case("cross_entropy", 4096, 128256, "bfloat16", label_smoothing=0.1, ignore_frac=0.25),
         Case("cross_entropy", 4096, 128256, "float32"),
@@ -259,7 +296,7 @@ SUITES = {
         *_grid("siglip", [16384, 65536], [512], ["bfloat16"]),
         LlamaStep("llama_step", 8 * 512, 32000, "bfloat16", d=256),
     ],
-    ("cuda", "full"): [
+    ("cuda", "large"): [
         *_grid("cross_entropy", [4096], [32000, 50257, 128256, 151936, 256000],
                ["bfloat16", "float16", "float32"]),
         *_grid("cross_entropy", [4096], [32000, 128256, 256000], ["bfloat16"],

@@ -5,6 +5,7 @@ row is the slowest rank's times and the largest rank's peak memory."""
 import datetime
 import os
 import socket
+import tempfile
 
 from . import measure
 
@@ -17,7 +18,8 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _rank(rank, port, case, providers, repeats, warmup, results):
+def _rank(rank, port, case, providers, repeats, warmup, results, log_path):
+    measure.output_to(log_path)
     import torch
     import torch.distributed as dist
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // case.world))
@@ -37,21 +39,23 @@ def _rank(rank, port, case, providers, repeats, warmup, results):
 def run_case(case, providers, repeats, warmup, on_row=None):
     """Rows of `providers` on a world > 1 case (status "timeout" or "error" for all of them
     when a rank hangs or dies)."""
-    ctx = measure._spawn_context()
+    ctx = measure.spawn_context()
     results = ctx.SimpleQueue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank, daemon=True,
-                         args=(r, port, case, providers, repeats, warmup, results))
-             for r in range(case.world)]
-    for p in procs:
-        p.start()
-    deadline = datetime.datetime.now() + datetime.timedelta(seconds=TIMEOUT_S)
-    for p in procs:
-        p.join(max(0.0, (deadline - datetime.datetime.now()).total_seconds()))
-    failed = [p for p in procs if p.is_alive() or p.exitcode != 0]
-    for p in procs:
-        if p.is_alive():
+    with tempfile.NamedTemporaryFile("r", suffix=".log") as log:
+        procs = [ctx.Process(target=_rank, daemon=True, args=(
+            r, port, case, providers, repeats, warmup, results, log.name))
+            for r in range(case.world)]
+        for p in procs:
+            p.start()
+        deadline = datetime.datetime.now() + datetime.timedelta(seconds=TIMEOUT_S)
+        for p in procs:
+            p.join(max(0.0, (deadline - datetime.datetime.now()).total_seconds()))
+        hung = [p for p in procs if p.is_alive()]
+        failed = [p for p in procs if p in hung or p.exitcode != 0]
+        for p in hung:
             p.kill()
+        tail = measure.log_tail(log) if failed else ""
     per_rank = {}
     while not results.empty():
         rank, row = results.get()
@@ -60,9 +64,10 @@ def run_case(case, providers, repeats, warmup, on_row=None):
     for p in providers:
         got = per_rank.get(p.name, [])
         if len(got) < case.world or failed:
-            status = "timeout" if any(q.is_alive() for q in procs) else "error"
+            status = "timeout" if hung else "error"
             row = measure.case_row(case, p.name, status,
-                                   f"{len(failed)} of {case.world} ranks failed or hung")
+                                   f"{len(failed)} of {case.world} ranks failed or hung: "
+                                   f"{tail}"[:300])
         elif any(r["status"] != "ok" for r in got):
             row = next(r for r in got if r["status"] != "ok")
         else:

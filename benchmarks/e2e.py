@@ -29,75 +29,11 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from . import measure
+from . import llama, measure, report
+from .llama import build, parameter_count, step_flops  # noqa: F401  (e2e's names, kept)
 
-PROVIDERS = {"hf": None, "hf-fusedloss-ce": {"fused_linear": False},
-             "hf-fusedloss-linear": {"fused_linear": True}}  # name -> apply() arguments
+PROVIDERS = tuple(llama.PATCHES)
 SIZES = {"batch": 8, "seq": 512, "hidden": 256, "layers": 4, "vocab": 32000}
-HEAD_DIM = 64
-
-
-def _shape(hidden):
-    """Heads, key-value heads and the MLP width of the config (Llama's proportions)."""
-    heads = max(1, hidden // HEAD_DIM)
-    return heads, heads, (8 * hidden // 3 + 63) // 64 * 64
-
-
-def config(hidden, layers, vocab, seq):
-    import transformers
-    heads, kv_heads, intermediate = _shape(hidden)
-    return transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=seq, tie_word_embeddings=False)
-
-
-def parameter_count(hidden, layers, vocab):
-    heads, kv_heads, intermediate = _shape(hidden)
-    kv = kv_heads * hidden // heads
-    per_layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * intermediate + 2 * hidden
-    return 2 * vocab * hidden + layers * per_layer + hidden  # embedding, head, final norm
-
-
-def step_flops(batch, seq, hidden, layers, vocab):
-    """Matmul FLOPs of forward + backward (3 x the forward's): the projections, the MLP and
-    the LM head per token, and the attention scores and their use (QK^T, PV) in full."""
-    heads, kv_heads, intermediate = _shape(hidden)
-    kv = kv_heads * hidden // heads
-    per_token = 2 * (layers * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * intermediate)
-                     + vocab * hidden)
-    attention = layers * 2 * 2 * batch * seq * seq * hidden
-    return 3 * (batch * seq * per_token + attention)
-
-
-def step_min_bytes(batch, seq, hidden, layers, vocab, itemsize):
-    """Bytes a step moves at the least: every parameter read by the forward and by the
-    backward, its gradient written, AdamW's update (read the parameter, its gradient and two
-    moments, write the parameter and the moments), and the token ids."""
-    return 10 * parameter_count(hidden, layers, vocab) * itemsize + 8 * batch * seq
-
-
-def build(provider, *, hidden, layers, vocab, seq, device, dtype):
-    """The model (patched as `provider` says) and its AdamW optimizer."""
-    import transformers
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config(hidden, layers, vocab, seq))
-    model = model.to(device=device, dtype=getattr(torch, dtype)).train()
-    if PROVIDERS[provider] is not None:
-        import fusedloss.integrations.transformers
-        fusedloss.integrations.transformers.apply(model, **PROVIDERS[provider])
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-
-def token_ids(batch, seq, vocab, device):
-    gen = torch.Generator(device=device).manual_seed(0)
-    return torch.randint(0, vocab, (batch, seq), device=device, generator=gen)
-
-
-def train_step(model, optimizer, ids):
-    model(input_ids=ids, labels=ids).loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
 def measure_step(provider, *, batch, seq, hidden, layers, vocab, device="cpu",
@@ -108,10 +44,10 @@ def measure_step(provider, *, batch, seq, hidden, layers, vocab, device="cpu",
     device, out = torch.device(device), {}
 
     def run():
-        model, optimizer = build(provider, hidden=hidden, layers=layers, vocab=vocab, seq=seq,
-                                 device=device, dtype=dtype)
-        ids = token_ids(batch, seq, vocab, device)
-        step = lambda: train_step(model, optimizer, ids)  # noqa: E731
+        model, optimizer = llama.build(provider, hidden=hidden, layers=layers, vocab=vocab,
+                                       seq=seq, device=device, dtype=dtype)
+        ids = llama.token_ids(batch, seq, vocab, device)
+        step = lambda: llama.train_step(model, optimizer, ids)  # noqa: E731
         measure.time_segments(device, warmup, lambda: None, step)
         (out["times"],) = measure.time_segments(device, steps, lambda: None, step)
 
@@ -122,12 +58,12 @@ def measure_step(provider, *, batch, seq, hidden, layers, vocab, device="cpu",
             "peak_mem_mib": peak}
 
 
-def run(providers=tuple(PROVIDERS), **kwargs):
+def run(providers=PROVIDERS, **kwargs):
     """measure_step for each provider, each in a fresh worker process; a failure is a row
     with its status ("OOM" or "error") and a note."""
     rows = []
     for provider in providers:
-        with ProcessPoolExecutor(1, mp_context=measure._spawn_context()) as pool:
+        with ProcessPoolExecutor(1, mp_context=measure.spawn_context()) as pool:
             try:
                 rows.append(pool.submit(measure_step, provider, **kwargs).result())
             except Exception as exc:  # a worker killed (OOM killer) is a BrokenProcessPool
@@ -138,7 +74,7 @@ def run(providers=tuple(PROVIDERS), **kwargs):
 
 def table(rows):
     """Plain-text table; speed-up and memory ratio against "hf"."""
-    from .report import _num
+    num = report.fmt_num
     base = next((r for r in rows if r["provider"] == "hf" and r["status"] == "ok"), None)
     header = ["provider", "step ms [p20, p80]", "tokens/s", "peak MiB", "speed-up",
               "mem ratio", "status"]
@@ -151,32 +87,13 @@ def table(rows):
         ratio = r["peak_mem_mib"] / base["peak_mem_mib"] \
             if base and base["peak_mem_mib"] and r["peak_mem_mib"] is not None else None
         body.append([r["provider"],
-                     f"{_num(r['step_ms'])} [{_num(r['step_ms_p20'])}, {_num(r['step_ms_p80'])}]",
-                     _num(r["tokens_per_s"]), _num(r["peak_mem_mib"]), _num(speedup, "x"),
-                     _num(ratio, "x"), "ok"])
+                     f"{num(r['step_ms'])} [{num(r['step_ms_p20'])}, {num(r['step_ms_p80'])}]",
+                     num(r["tokens_per_s"]), num(r["peak_mem_mib"]), num(speedup, "x"),
+                     num(ratio, "x"), "ok"])
     widths = [max(len(x) for x in col) for col in zip(header, *body)]
     fmt = lambda cells: "  ".join(  # noqa: E731
         x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(cells, widths)))
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in body])
-
-
-# ---------------------------------------------------------------- for the runner
-def runner_step(case, provider):
-    """fn(ids) -> loss for the runner's measure_provider (case: cases.LlamaStep): the model
-    is built on the first call, on the ids' device; each later call first applies the
-    previous step's AdamW update, so fwd + bwd is one training step."""
-    state = {}
-
-    def step(ids):
-        if not state:
-            state["model"], state["optimizer"] = build(
-                provider, hidden=case.d, layers=case.layers, vocab=case.c, seq=case.seq,
-                device=ids.device, dtype=case.dtype)
-        elif any(p.grad is not None for p in state["model"].parameters()):
-            state["optimizer"].step()
-            state["optimizer"].zero_grad(set_to_none=True)
-        return state["model"](input_ids=ids, labels=ids).loss
-    return step
 
 
 def main(argv=None):

@@ -186,15 +186,26 @@ def run_case(case, providers, device, repeats, warmup, send):
 
 
 # ---------------------------------------------------------------- one case, isolated
-def _worker(conn, log_path, case, providers, device, repeats, warmup):
+def output_to(log_path):
+    """Send this process's stdout and stderr to `log_path`: a worker's compiler chatter
+    and warnings must not break the parent's progress bar."""
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
-    os.dup2(fd, 1)  # compiler chatter must not break the parent's progress bar
+    os.dup2(fd, 1)
     os.dup2(fd, 2)
+    os.close(fd)
+
+
+def log_tail(log, lines=3):
+    return " | ".join(log.read().strip().splitlines()[-lines:])
+
+
+def _worker(conn, log_path, case, providers, device, repeats, warmup):
+    output_to(log_path)
     run_case(case, providers, device, repeats, warmup, conn.send)
     conn.close()
 
 
-def _spawn_context():
+def spawn_context():
     os.environ.update(WORKER_ENV)  # read by the worker's C library at its start
     return multiprocessing.get_context("spawn")
 
@@ -204,7 +215,7 @@ def run_case_isolated(case, providers, device, repeats, warmup, on_row=None,
     """run_case in a spawned worker process. A worker that dies or hangs gives the
     provider it was measuring a row ("OOM" when killed by SIGKILL, else "error" or
     "timeout") and a new worker goes on with the providers after it."""
-    ctx = _spawn_context()
+    ctx = spawn_context()
     rows, remaining = [], list(providers)
 
     def add(row):
@@ -239,13 +250,13 @@ def run_case_isolated(case, providers, device, repeats, warmup, on_row=None,
             reader.close()
             if not remaining:
                 break
-            log_tail = " | ".join(log.read().strip().splitlines()[-3:])
+            tail = log_tail(log)
         if timed_out:
             status, note = "timeout", f"no result within {timeout_s} s"
         elif proc.exitcode == -signal.SIGKILL:
             status, note = "OOM", "the worker was killed (SIGKILL), most likely out of memory"
         else:
-            status, note = "error", f"the worker died (exit code {proc.exitcode}): {log_tail}"
+            status, note = "error", f"the worker died (exit code {proc.exitcode}): {tail}"
         # The provider being measured failed; without one, the worker died before any.
         victims = remaining[:1] if current else remaining
         for p in victims:
@@ -281,6 +292,9 @@ def _probe(device_type, repeats):
 
 
 def probe_device(device_type, repeats=10):
-    """Device name, CPU threads and copy bandwidth (GB/s), measured in a worker process."""
-    with ProcessPoolExecutor(1, mp_context=_spawn_context()) as pool:
+    """Device name, CPU threads and copy bandwidth (GB/s). A GPU is probed from a worker
+    process: a CUDA context in the runner would hold GPU memory through every case."""
+    if device_type == "cpu":
+        return _probe(device_type, repeats)
+    with ProcessPoolExecutor(1, mp_context=spawn_context()) as pool:
         return pool.submit(_probe, device_type, repeats).result()

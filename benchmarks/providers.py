@@ -17,7 +17,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .cases import IGNORE_INDEX
+from . import llama
+from .cases import IGNORE_INDEX, LlamaStep
 
 
 FUSEDLOSS_FUNCTIONS = {"cross_entropy": "cross_entropy", "focal": "focal_loss",
@@ -254,6 +255,18 @@ def _dist_unavailable(device_type, case):
     return None
 
 
+# ---------------------------------------------------------------- end to end: a training step
+# The llama_step case (cases.LlamaStep) is a training step of a small Llama through
+# transformers (benchmarks/llama.py): these providers run it, and only they do.
+def _llama_step_unavailable(device_type, case):
+    if importlib.util.find_spec("transformers") is None:
+        return "transformers is not installed (pip install transformers)"
+    if not isinstance(case, LlamaStep):
+        return ("llama_step runs the suites' sizes only; other sizes: "
+                "python -m benchmarks.e2e --help")
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Provider:
     name: str
@@ -287,6 +300,9 @@ PROVIDERS = [
     # Over `world` gloo ranks: fusedloss's process_group path, and gathering everything.
     Provider("fusedloss-dist", _dist_fusedloss, _dist_unavailable, distributed=True),
     Provider("gather", _dist_gather, _dist_unavailable, distributed=True),
+    # One training step of a small Llama, its loss three ways (llama.PATCHES).
+    *[Provider(name, functools.partial(llama.runner_step, patch=name),
+               _llama_step_unavailable, end_to_end=True) for name in llama.PATCHES],
 ]
 BASELINE = "torch"
 DIST_BASELINE = "gather"  # the baseline of the world > 1 cases
@@ -314,42 +330,25 @@ def select(names=None):
     return chosen
 
 
-def plan(providers, device_type, cases):
-    """[(case, providers that can run it)], and a note for every provider left out."""
+def plan(providers, device_type, cases, named=False):
+    """[(case, providers that can run it)], and a note for every provider left out.
+    Unless the providers were `named` (--providers), a case that lists its own providers
+    (case.providers: the first suite's short cases) runs only those."""
     notes, runs = {}, []
     for case in cases:
+        kept = None if named or not case.providers else select(case.providers)
         able = []
         for p in providers:
             if p.distributed != (case.world > 1) or p.end_to_end != (case.loss == "llama_step"):
                 continue  # the distributed (end-to-end) providers run the world > 1
                 #           (llama_step) cases, and only they
             why = p.unavailable(device_type, case)
+            if why is None and kept is not None and p not in kept:
+                why = "left out of some cases of this suite to keep it short (--suite full " \
+                      "runs it on every case)"
             if why is None:
                 able.append(p)
             else:
                 notes.setdefault(f"{p.name}: {why}", None)
         runs.append((case, able))
     return runs, list(notes)
-
-
-# ---------------------------------------------------------------- end to end: a training step
-# The llama_step case (cases.LlamaStep) is a training step of a small Llama through
-# transformers (benchmarks/e2e.py): these providers run it, and only they do.
-def _llama_step(name, case):
-    from . import e2e
-    return e2e.runner_step(case, name)
-
-
-def _llama_step_unavailable(device_type, case):
-    from .cases import LlamaStep
-    if importlib.util.find_spec("transformers") is None:
-        return "transformers is not installed (pip install transformers)"
-    if not isinstance(case, LlamaStep):
-        return ("llama_step runs the suites' sizes only; other sizes: "
-                "python -m benchmarks.e2e --help")
-    return None
-
-
-PROVIDERS += [Provider(name, functools.partial(_llama_step, name), _llama_step_unavailable,
-                       end_to_end=True)
-              for name in ("hf", "hf-fusedloss-ce", "hf-fusedloss-linear")]

@@ -107,7 +107,9 @@ HEADER = ["loss", "N x C", "dtype", "options", "provider", "fwd ms", "bwd ms",
           "mem ratio", "status"]
 
 
-def _num(value, suffix=""):
+def fmt_num(value, suffix=""):
+    """A number for a table cell (no decimals from 100 up, 1 from 10, 2 from 0.1, else 3),
+    "-" for none."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     digits = 0 if abs(value) >= 100 else 1 if abs(value) >= 10 else 2 if abs(value) >= 0.1 \
@@ -116,13 +118,13 @@ def _num(value, suffix=""):
 
 
 def _cells(row):
-    ok = row["status"] == "ok"
-    spread = f" [{_num(row['fwdbwd_ms_p20'])}, {_num(row['fwdbwd_ms_p80'])}]" if ok else ""
+    ok, num = row["status"] == "ok", fmt_num
+    spread = f" [{num(row['fwdbwd_ms_p20'])}, {num(row['fwdbwd_ms_p80'])}]" if ok else ""
     return [row["loss"], f"{row['n']}x{row['c']}", row["dtype"], row["options"] or "",
-            row["provider"], _num(row["fwd_ms"]), _num(row["bwd_ms"]),
-            _num(row["fwdbwd_ms"]) + spread, _num(row["peak_mem_mib"]), _num(row["gbps"]),
-            _num(row["bw_frac"] * 100 if row["bw_frac"] is not None else None),
-            _num(row["tflops"]), _num(row["speedup"], "x"), _num(row["mem_ratio"], "x"),
+            row["provider"], num(row["fwd_ms"]), num(row["bwd_ms"]),
+            num(row["fwdbwd_ms"]) + spread, num(row["peak_mem_mib"]), num(row["gbps"]),
+            num(row["bw_frac"] * 100 if row["bw_frac"] is not None else None),
+            num(row["tflops"]), num(row["speedup"], "x"), num(row["mem_ratio"], "x"),
             row["status"]]
 
 
@@ -145,7 +147,7 @@ def summary(meta):
             f"torch {meta.get('torch_version')}, triton {meta.get('triton_version')}, "
             f"fusedloss {meta.get('fusedloss_version')}, commit {meta.get('git_commit')}, "
             f"{meta.get('timestamp')}; copy bandwidth "
-            f"{_num(copy) if copy else '-'} GB/s")
+            f"{fmt_num(copy) if copy else '-'} GB/s")
 
 
 def markdown(rows, meta, notes):

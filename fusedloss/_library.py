@@ -100,12 +100,18 @@ def autocast_operands(*tensors):
 
 class Op:
     def __init__(self, name, schema, *, outputs, backends, kernels=None, composite=None,
-                 setup_context=None, backward=None, reference=None, differentiable=(0,)):
+                 setup_context=None, backward=None, reference=None, differentiable=(0,),
+                 saved_outputs=()):
         self.name, self.schema = name, schema
         parsed = torch._C.parse_schema(f"{CPP_NS}::{name}{schema}")
         self.arg_names = tuple(a.name for a in parsed.arguments)
         self.tensor_args = tuple(a.name for a in parsed.arguments
                                  if str(a.type) in ("Tensor", "Optional[Tensor]"))
+        self.n_returns = len(parsed.returns)
+        # Outputs a backward reads, saved (and version-checked) with the inputs: the
+        # backward finds them by their schema names, as the inputs.
+        names = [r.name for r in parsed.returns]
+        self.saved_outputs = tuple((names.index(n), n) for n in saved_outputs)
         self.mutable = any(a.alias_info is not None and a.alias_info.is_write
                            for a in parsed.arguments)
         self.outputs = outputs
@@ -155,7 +161,7 @@ class Op:
 
     # ---------------------------------------------------------------- kernels
     def _fake(self, *args):
-        return self.outputs(self.bind(args))
+        return self.outputs(self.bind(args)) if self.n_returns else None
 
     def _triton(self, *args):
         a = self.bind(args)
@@ -164,7 +170,9 @@ class Op:
         device = args[0].device
         # Triton launches on the current CUDA device: make it the input's.
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            return launcher(a, *self.outputs(a))
+            # An op with no outputs (it writes over an input) passes none to its launcher.
+            outputs = self.outputs(a) if self.n_returns else ()
+            return launcher(a, *((outputs,) if self.n_returns == 1 else outputs))
 
     def _composite(self, ns, *args):
         return self.composite(self.bind(args), ns)
@@ -176,15 +184,18 @@ class Op:
         ctx.fusedloss_arg_names = self.arg_names
         # Every tensor input is saved, but only unpacked (and version-checked) by a
         # backward that needs it: a higher-order one always does.
-        ctx.save_for_backward(*(getattr(a, n) for n in self.tensor_args))
+        ctx.save_for_backward(*(getattr(a, n) for n in self.tensor_args),
+                              *(output[i] for i, _ in self.saved_outputs))
         ctx.fusedloss_scalars = {n: v for n, v in vars(a).items() if n not in self.tensor_args}
         if self._setup is not None:
             self._setup(ctx, a, output)
 
     def saved_args(self, ctx):
-        """The op's arguments in a backward, tensors from the saved ones."""
+        """The op's arguments in a backward, tensors from the saved ones, and the
+        saved_outputs by name."""
+        names = (*self.tensor_args, *(n for _, n in self.saved_outputs))
         return types.SimpleNamespace(**ctx.fusedloss_scalars,
-                                     **dict(zip(self.tensor_args, ctx.saved_tensors)))
+                                     **dict(zip(names, ctx.saved_tensors)))
 
     def _autograd_backward(self, ctx, *grads):
         if self._backward is None:

@@ -36,8 +36,9 @@ import typing
 
 import torch
 
-from . import _backends, _checks, _library, reference
+from . import _backends, _checks, _library, reference, vocab_parallel
 from ._library import Op, acc_dtype, grad_output, rows_of
+from .log_probs import RowEntropy
 from ._module import LossModule
 
 
@@ -174,7 +175,7 @@ def check_options(input, target, weight, token_weight, logits_shape, class_dim, 
     normalised, with the reduction code, whether the target holds probabilities, the
     positions' shape, and why the call needs the reference path (or None).
     vocab_parallel: the logits hold this rank's slice of the classes, so class indices
-    and the class weight are global (fusedloss.distributed checks them against all the
+    and the class weight are global (fusedloss/vocab_parallel.py checks them against all the
     ranks' classes)."""
     _checks.tensor("target", target)
     ignore_index = _checks.integer("ignore_index", -100 if ignore_index is None else ignore_index)
@@ -214,12 +215,12 @@ def kernel_args(o, target_k, weight, token_weight, input):
 
 
 def with_extras(loss, lse, entropy, o, return_lse, return_entropy):
-    """The loss (per position for reduction "none"), then lse and entropy when asked for,
-    each detached and one per position."""
+    """The loss (per position for reduction "none"), then lse (detached) and entropy (with
+    its gradient where the path gives one) when asked for, one per position."""
     if o.reduction == 0:
         loss = loss.view(o.positions)
     extras = ([lse.detach().view(o.positions)] if return_lse else []) + \
-        ([entropy.detach().view(o.positions)] if return_entropy else [])
+        ([entropy.view(o.positions)] if return_entropy else [])
     return (loss, *extras) if extras else loss
 
 
@@ -274,7 +275,10 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
       return_lse   also return the per-position log-sum-exp of the transformed logits
                    (shape of the positions, float32 or float64), detached: no gradient
                    flows through it (use z_loss for a penalty on it).
-      return_entropy  also return each position's softmax entropy (nats), detached.
+      return_entropy  also return each position's softmax entropy (nats), with its
+                   gradient (an entropy bonus or penalty: the backward adds d H / d input,
+                   at no cost unless the entropy reaches the loss; see fusedloss.log_probs
+                   for the algebra). Detached with inplace_backward or a process_group.
       inplace_backward  write the gradient over `input`'s buffer (kernel backends, eager
                    mode): the logits are overwritten by the forward, so use it only when
                    nothing else needs them; misuse raises through autograd's version check.
@@ -284,7 +288,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
                    or this slice's probabilities), weight (all the classes') and the rest
                    keep their meaning. Every rank returns the same loss, and the gradient of
                    its slice; per row only a few numbers cross ranks. See
-                   fusedloss.distributed (it runs torch ops, so backend must be "auto" or
+                   fusedloss/vocab_parallel.py (it runs torch ops, so backend must be "auto" or
                    "reference"; no inplace_backward, no higher-order gradients).
       backend      "auto", "reference", "triton", "cuda" or "cpu".
 
@@ -320,6 +324,8 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         loss, lse, entropy, grad = CROSS_ENTROPY.call(name, x=x, compute_grad=compute_grad,
                                                       **kwargs)
         _library.owned(grad)
+        if return_entropy and compute_grad:  # its gradient too, when it reaches a loss
+            entropy = RowEntropy.apply(x, entropy, lse, o.logit_scale, o.softcap)
     return with_extras(loss.to(_library.loss_dtype(input)), lse, entropy, o, return_lse,
                        return_entropy)
 
@@ -327,13 +333,12 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
 def check_process_group_backend(backend, what):
     if backend not in ("auto", "reference"):
         raise ValueError(f"fusedloss.{what}: with a process_group the loss runs torch ops and "
-                         f"the group's collectives (fusedloss.distributed), so backend must be "
+                         f"the group's collectives (fusedloss/vocab_parallel.py), so backend must be "
                          f"'auto' or 'reference', got {backend!r}")
 
 
 def _vocab_parallel(input, target, weight, token_weight, class_dim, o, return_lse,
                     return_entropy, inplace_backward, backend, group):
-    from . import distributed
     check_process_group_backend(backend, "cross_entropy")
     if inplace_backward:
         raise ValueError("inplace_backward is not available with a process_group")
@@ -343,8 +348,8 @@ def _vocab_parallel(input, target, weight, token_weight, class_dim, o, return_ls
     target_k = as_bcs(target.to(input.dtype), class_dim) if o.prob_target \
         else target.reshape(x.shape[0], x.shape[2]).long()
     k = kernel_args(o, target_k, weight, token_weight, input)
-    loss, lse, entropy = distributed.cross_entropy(x, target_k, weight, k["row_weight"],
-                                                   k["loss_scale"], o, return_entropy, group)
+    loss, lse, entropy = vocab_parallel.cross_entropy(x, target_k, weight, k["row_weight"],
+                                                     k["loss_scale"], o, return_entropy, group)
     return with_extras(loss.to(_library.loss_dtype(input)), lse, entropy, o, return_lse,
                        return_entropy)
 

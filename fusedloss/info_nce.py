@@ -17,11 +17,13 @@ everything in acc: float32 for half inputs):
 The kernels tile the logits (flash-attention style in Triton, GEMM blocks in C++) and
 never store them whole.
 """
-import functools
+import math
 
 import torch
+import torch.distributed as dist
 
-from . import _backends, _checks, _library, reference
+from . import _backends, _checks, _collectives, _library, reference
+from ._collectives import AllGather, check_agree, check_group, first_order_only, ring_step
 from ._library import Op, acc_dtype
 from ._module import LossModule
 
@@ -161,10 +163,8 @@ def info_nce(query, key, *, temperature=0.07, logit_scale=None, labels=None, neg
         scale = torch.full((), _checks.number("logit_scale", logit_scale), dtype=acc,
                            device=query.device)
     if process_group is not None:
-        from . import distributed
-        rows, cols = distributed.info_nce(
-            query, key, negatives, labels, scale, symmetric, exchange, process_group,
-            functools.partial(info_nce, backend=backend))
+        rows, cols = _across_ranks(query, key, negatives, labels, scale, symmetric, exchange,
+                                   process_group, backend)
         return _reduce_rows((rows + cols) / 2 if symmetric else rows, red,
                             _library.loss_dtype(query))
     name = _backends.resolve(INFO_NCE, backend, query.device)
@@ -187,6 +187,161 @@ def _reduce_rows(rows, red, dtype):
         return rows.to(dtype)
     total = rows.sum()
     return (total / rows.numel() if red == 1 else total).to(dtype)
+
+
+# ------------------------------------------------------------------------------ across ranks
+# InfoNCE over every rank's batch (process_group): "all_gather" gathers the keys with their
+# gradients and runs the single-device loss; "ring" passes key blocks around the ring.
+def _pick(tile, j):
+    """tile[i, j_i] where 0 <= j_i < columns, else 0."""
+    if tile.shape[1] == 0:
+        return tile.new_zeros(tile.shape[0])
+    held = (j >= 0) & (j < tile.shape[1])
+    picked = tile.gather(1, j.clamp(0, tile.shape[1] - 1)[:, None]).squeeze(1)
+    return torch.where(held, picked, torch.zeros_like(picked))
+
+
+def _fold(m, s, logits):
+    """Fold a [rows, cols] tile into each row's running max m and sum s of exp(z - m)."""
+    m_new = torch.maximum(m, logits.amax(1)) if logits.shape[1] else m
+    shift = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+    s = s * torch.exp(m - shift) + torch.exp(logits - shift[:, None]).sum(1)
+    return m_new, s
+
+
+class _RingInfoNCE(torch.autograd.Function):
+    """InfoNCE with key (and negative, and for the symmetric loss query) blocks passed
+    around the ring: a rank holds at most its own blocks, the block it works on and the
+    one arriving, so memory stays O(local N x D) beyond one [N, M] tile of logits. The
+    backward passes the blocks around again with accumulators of their gradients, which
+    arrive back at their owners after a full turn (as Inf-CL does)."""
+
+    @staticmethod
+    def forward(ctx, q, k, neg, scale, labels, group, symmetric):
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        acc = acc_dtype(q.dtype)
+        n, m_keys, e = q.shape[0], k.shape[0], neg.shape[0]
+        sc = scale.to(acc)
+        qa, ka = q.to(acc), k.to(acc)
+        row_m = torch.full((n,), -math.inf, dtype=acc, device=q.device)
+        row_s, pos = torch.zeros_like(row_m), torch.zeros_like(row_m)
+        col_m = torch.full((m_keys if symmetric else 0,), -math.inf, dtype=acc,
+                           device=q.device)
+        col_s, diag = torch.zeros_like(col_m), torch.zeros_like(col_m)
+        blocks = [k, neg, q if symmetric else q[:0]]
+        for step in range(world):
+            src = (rank - step) % world
+            kb, eb, qb = (b.to(acc) for b in blocks)
+            for tile, first in ((sc * qa @ kb.T, src * m_keys),
+                                (sc * qa @ eb.T, world * m_keys + src * e)):
+                row_m, row_s = _fold(row_m, row_s, tile)
+                pos += _pick(tile, labels - first)
+            if symmetric:
+                tile = sc * ka @ qb.T  # local keys against that rank's queries
+                col_m, col_s = _fold(col_m, col_s, tile)
+                if src == rank:
+                    diag = tile.diagonal().clone()
+            if step < world - 1:
+                blocks = ring_step(blocks, group, rank, world)
+        row_lse = row_m + torch.log(row_s)
+        valid = (labels >= 0) & (labels < world * (m_keys + e))
+        row_loss = torch.where(valid, row_lse - pos, torch.full_like(pos, math.nan))
+        col_lse = col_m + torch.log(col_s)
+        ctx.save_for_backward(q, k, neg, scale, labels, row_lse, col_lse)
+        ctx.group, ctx.symmetric = group, symmetric
+        return row_loss, col_lse - diag
+
+    @staticmethod
+    def backward(ctx, grad_row, grad_col):
+        first_order_only()
+        q, k, neg, scale, labels, row_lse, col_lse = ctx.saved_tensors
+        group, symmetric = ctx.group, ctx.symmetric
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        acc = row_lse.dtype
+        m_keys, e = k.shape[0], neg.shape[0]
+        sc = scale.to(acc)
+        qa, ka = q.to(acc), k.to(acc)
+        g_row = grad_row.to(acc) if grad_row is not None else torch.zeros_like(row_lse)
+        g_col = grad_col.to(acc) if grad_col is not None and symmetric \
+            else torch.zeros_like(col_lse)
+        dq, dk = torch.zeros_like(qa), torch.zeros_like(ka)
+        d_scale = torch.zeros((), dtype=acc, device=q.device)
+        blocks = [ka, neg.to(acc), qa if symmetric else qa[:0]]
+        # Rows whose label is outside every rank's keys have a NaN loss, and gradient.
+        bad = ~((labels >= 0) & (labels < world * (m_keys + e)))
+        # Gradients of the held blocks' rows, from this rank's losses: they travel with
+        # the blocks and are home after a full turn.
+        held = [torch.zeros_like(b) for b in blocks]
+        for step in range(world):
+            src = (rank - step) % world
+            kb, eb, qb = blocks
+            for b_i, (tile_rows, first) in enumerate(((kb, src * m_keys),
+                                                      (eb, world * m_keys + src * e))):
+                raw = qa @ tile_rows.T
+                dl = g_row[:, None] * torch.exp(sc * raw - row_lse[:, None])
+                j = labels - first
+                hit = (j >= 0) & (j < tile_rows.shape[0])
+                if tile_rows.shape[0]:
+                    dl.scatter_add_(1, j.clamp(0, tile_rows.shape[0] - 1)[:, None],
+                                    -torch.where(hit, g_row, torch.zeros_like(g_row))[:, None])
+                dl = torch.where(bad[:, None], math.nan, dl)
+                dq += sc * dl @ tile_rows
+                held[b_i] += sc * dl.T @ qa
+                d_scale += (dl * raw).sum()
+            if symmetric:
+                raw = ka @ qb.T  # local keys (columns' owners) against that rank's queries
+                dl = g_col[:, None] * torch.exp(sc * raw - col_lse[:, None])
+                if src == rank:
+                    dl.diagonal().sub_(g_col)
+                dk += sc * dl @ qb
+                held[2] += sc * dl.T @ ka
+                d_scale += (dl * raw).sum()
+            # The blocks and their accumulators move on; after the last step only the
+            # accumulators, which then arrive home.
+            if step < world - 1:
+                moved = ring_step(blocks + held, group, rank, world)
+                blocks, held = moved[:3], moved[3:]
+            else:
+                held = ring_step(held, group, rank, world)
+        if symmetric:
+            dq += held[2]
+        dk += held[0]
+        return (dq.to(q.dtype), dk.to(k.dtype), held[1].to(neg.dtype),
+                d_scale.to(scale.dtype).reshape(scale.shape), None, None, None)
+
+
+def _across_ranks(query, key, negatives, labels, scale, symmetric, mode, group, backend):
+    """InfoNCE of this rank's queries against every rank's keys (and negatives): the
+    per-row losses (row, and col when symmetric) of this rank. mode: "all_gather" (the
+    single-device loss, with this backend's kernels, on the gathered keys) or "ring"."""
+    world, rank = check_group(group, query, "info_nce")
+    n, m_keys = query.shape[0], key.shape[0]
+    e = negatives.shape[0] if negatives is not None else 0
+    meta = _collectives.exchange([n, m_keys, e, query.shape[1]], group, query.device)
+    check_agree(meta, ["the number of queries", "the number of keys",
+                       "the number of negatives", "the embedding dimension D"], "info_nce")
+    if labels is None:
+        labels = torch.arange(n, device=query.device) + rank * m_keys
+    elif labels.device.type == "cpu":
+        bad = (labels < 0) | (labels >= world * (m_keys + e))
+        if bool(bad.any()):
+            raise IndexError(f"labels contains {int(labels[bad][0])}, outside [0, "
+                             f"{world * (m_keys + e)}) (every rank's keys, then every rank's "
+                             "negatives)")
+    if mode == "ring":
+        neg = negatives if negatives is not None else query.new_empty((0, query.shape[1]))
+        return _RingInfoNCE.apply(query, key, neg, scale, labels, group, symmetric)
+    keys = AllGather.apply(key, group)
+    negs = AllGather.apply(negatives, group) if negatives is not None else None
+    rows = info_nce(query, keys, logit_scale=scale, labels=labels, negatives=negs,
+                    reduction="none", backend=backend)
+    if not symmetric:
+        return rows, rows.new_empty((0,))
+    queries = AllGather.apply(query, group)
+    cols = info_nce(key, queries, logit_scale=scale,
+                    labels=torch.arange(m_keys, device=query.device) + rank * n,
+                    reduction="none", backend=backend)
+    return rows, cols
 
 
 class InfoNCELoss(LossModule):

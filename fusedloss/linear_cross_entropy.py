@@ -25,31 +25,13 @@ import math
 
 import torch
 
-from . import _backends, _checks, _library, reference
+from . import _backends, _checks, _library, reference, vocab_parallel
 from ._library import Op, acc_dtype
+from ._linear import HeadGradients, default_chunk_size, row_chunks
+from .log_probs import LinearEntropy
 from ._module import LossModule
 from .cross_entropy import (CROSS_ENTROPY, CROSS_ENTROPY_INPLACE, check_options,
                             check_process_group_backend, kernel_args, with_extras)
-
-# Bytes of one chunk of logits (which also holds its gradient). On a CPU, 15 MiB keeps the
-# memory beyond the gradients at or below torch's chunked path (which picks 128 rows for
-# N=4096, D=512, V=32000 float32) while the matmuls stay within a few % of their speed
-# at twice the chunk; fewer rows cost more: each chunk's grad_weight update reads and
-# writes the whole V x D accumulator. On a GPU the chunk only has to keep the matmuls
-# large.
-CHUNK_BYTES = {"cpu": 15 << 20, "cuda": 1 << 30}
-
-
-def default_chunk_size(n_rows, n_features, n_logits, dtype, device_type):
-    """Rows per chunk: as many as fit CHUNK_BYTES of logits (at least 16, a multiple of 8
-    when smaller than N, so that the matmuls stay efficient)."""
-    per_row = n_logits * max(dtype.itemsize, 4 if device_type == "cpu" else 0)
-    rows = CHUNK_BYTES.get(device_type, CHUNK_BYTES["cuda"]) // max(per_row, 1)
-    rows = max(16, rows // 8 * 8)
-    # Under torch.compile the bound alone (the chunk loops clamp it): min(N, rows) would
-    # make a dynamic N a constant of the graph.
-    return rows if torch.compiler.is_compiling() else max(1, min(n_rows, rows))
-
 
 # ------------------------------------------------------------------------------ the op
 def _n_rows(a):
@@ -68,80 +50,6 @@ def _outputs(a):
             new((w.shape[0],) if a.grad_bias and a.linear_bias is not None else (0,), w))
 
 
-def _row_chunks(a, n, positions):
-    """The input rows to run, chunk by chunk: slices of all of them, or, on CPU tensors
-    without lse or entropy to return, index tensors of the rows with a counted target only.
-    The others have a loss and a gradient of exactly 0 and need no logits (reading the
-    targets costs no synchronisation on the CPU; on a GPU it would, so all rows run)."""
-    step = a.chunk_size
-    if (a.input.device.type == "cpu" and not a.target.is_floating_point()
-            and not a.compute_lse and not a.compute_entropy and n > 0):
-        counted = (a.target.view(n, positions) != a.ignore_index).any(1)
-        if not bool(counted.all()):
-            keep = counted.nonzero().view(-1)
-            return [keep[i:i + step] for i in range(0, keep.numel(), step)], True
-    return [slice(i, min(n, i + step)) for i in range(0, n, step)], False
-
-
-def _add_product(acc, a, b, scratch, first):
-    """acc += a @ b (acc = a @ b for the first chunk: no zero-filled accumulator), with acc
-    in float32 when a and b are half: one matmul into it on CUDA, elsewhere a float32
-    matmul of `a` upcast into `scratch` (an O(chunk x V) buffer)."""
-    beta = 0 if first else 1
-    if acc.dtype == a.dtype:
-        return torch.addmm(acc, a, b, beta=beta, out=acc)
-    if a.is_cuda and hasattr(torch.ops.aten.addmm, "dtype_out"):
-        return torch.ops.aten.addmm.dtype_out(acc, a, b, acc.dtype, beta=beta, out=acc)
-    up = scratch[:a.numel()].view(a.shape[1], a.shape[0]).t().copy_(a)
-    return torch.addmm(acc, up, b.to(acc.dtype), beta=beta, out=acc)
-
-
-class HeadGradients:
-    """The gradients of a linear head (logits = x @ w.T + b) over chunks of rows, for the
-    fused linear losses: add(g, xc, rows) takes a chunk's d loss / d logits g; grad_weight
-    and grad_bias accumulate in the outputs themselves, or in float32 for half weights
-    (then finish() copies them out); grad_input is written per chunk. want: (grad_input,
-    grad_weight, grad_bias) asked for."""
-
-    def __init__(self, w, outputs, want, chunk_rows):
-        self.w, (self.grad_x, self.grad_w, self.grad_b), self.want = w, outputs, want
-        self.acc = acc_dtype(w.dtype)
-        self.gw = (self.grad_w if self.acc == w.dtype else
-                   self.grad_w.new_empty(w.shape, dtype=self.acc)) if want[1] else None
-        self.gb = (self.grad_b if self.acc == w.dtype else
-                   self.grad_b.new_empty(w.shape[0], dtype=self.acc)) if want[2] else None
-        self.scratch = torch.empty(chunk_rows * w.shape[0], dtype=torch.float32,
-                                   device=w.device) \
-            if want[1] and self.gw.dtype != w.dtype and not w.is_cuda else None
-        self.first = True
-
-    def add(self, g, xc, rows, gathered=False):
-        """rows: the chunk's rows of x (a slice, or indices when `gathered`: then xc is
-        their copy, which takes their grad_input)."""
-        if self.want[1]:
-            _add_product(self.gw, g.t(), xc, self.scratch, first=self.first)
-        if self.want[2]:
-            if self.first:
-                torch.sum(g, 0, dtype=self.acc, out=self.gb)
-            else:
-                self.gb += g.sum(0, dtype=self.acc)
-        if self.want[0]:  # last: a gathered chunk's rows of x are no longer needed
-            if gathered:
-                self.grad_x.index_copy_(0, rows, torch.mm(g, self.w, out=xc))
-            else:
-                torch.mm(g, self.w, out=self.grad_x[rows])
-        self.first = False
-
-    def finish(self):
-        for acc, out in ((self.gw, self.grad_w), (self.gb, self.grad_b)):
-            if acc is None:
-                continue
-            if self.first:  # no rows: zero gradients
-                acc.zero_()
-            if acc is not out:
-                out.copy_(acc)
-
-
 def _run(a, ns):
     """The chunk loop, for every backend: `ns` names the cross-entropy ops it runs."""
     x, w, b = a.input, a.linear_weight, a.linear_bias
@@ -150,7 +58,10 @@ def _run(a, ns):
     loss, lse, entropy, grad_x, grad_w, grad_b = _outputs(a)
     rows = loss if a.reduction == 0 else loss.new_empty(_n_rows(a))
     want = (a.grad_input, a.grad_weight, a.grad_bias and b is not None)
-    chunks, gathered = _row_chunks(a, n, positions)
+    # Rows with an ignored target add 0 to the loss and the gradients, but not to lse
+    # or the entropy.
+    chunks, gathered = row_chunks(x, a.target, a.ignore_index, a.chunk_size, positions,
+                                  skip_ignored=not (a.compute_lse or a.compute_entropy))
     if gathered:  # the rows left out are exactly 0
         rows.zero_()
         if want[0]:
@@ -301,7 +212,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     on one chunk size through a small exchange read on the host (on CUDA: pass chunk_size
     to spare that synchronisation).
 
-    Returns the loss, plus lse and entropy (detached, one per position) when asked, as
+    Returns the loss, plus lse (detached) and the entropy (with its gradient: the backward
+    then runs the chunks again for it, if it reaches the loss; detached for a K-dimensional
+    loss or with a process_group), one per position, when asked, as
     fusedloss.cross_entropy does.
     """
     # Under autocast the product runs in autocast's dtype, as F.linear's; the loss in float32.
@@ -333,22 +246,27 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     target_k = target.reshape(x.shape[0], n_classes, -1).to(input.dtype) if o.prob_target \
         else target.reshape(-1).long()
     grads = torch.is_grad_enabled() and o.reduction != 0
+    # The entropy's gradient (one position per row: not a K-dimensional loss) needs lse.
+    entropy_grad = return_entropy and torch.is_grad_enabled() and w.shape[0] == n_classes \
+        and any(t is not None and t.requires_grad for t in (input, linear_weight, b))
     loss, lse, entropy, *computed = LINEAR_CROSS_ENTROPY.call(
         name, input=x, linear_weight=w, linear_bias=b, num_classes=n_classes,
-        compute_lse=return_lse, compute_entropy=return_entropy, chunk_size=chunk_size,
-        grad_input=grads and input.requires_grad,
+        compute_lse=return_lse or entropy_grad, compute_entropy=return_entropy,
+        chunk_size=chunk_size, grad_input=grads and input.requires_grad,
         grad_weight=grads and linear_weight.requires_grad,
         grad_bias=grads and b is not None and b.requires_grad,
         **kernel_args(o, target_k, weight, token_weight, input))
     for g in computed:
         _library.owned(g)
+    if entropy_grad:
+        entropy = LinearEntropy.apply(x, w, b, entropy, lse, o.logit_scale, o.softcap,
+                                      chunk_size)
     return with_extras(loss.to(_library.loss_dtype(input)), lse, entropy, o, return_lse,
                        return_entropy)
 
 
 def _vocab_parallel(input, linear_weight, linear_bias, target, weight, token_weight, o,
                     chunk_size, return_lse, return_entropy, backend, group):
-    from . import distributed
     check_process_group_backend(backend, "linear_cross_entropy")
     if o.needs_reference:
         raise ValueError(f"{o.needs_reference} is not available with a process_group")
@@ -359,7 +277,7 @@ def _vocab_parallel(input, linear_weight, linear_bias, target, weight, token_wei
     positions = w.shape[0] // n_classes
     target_k = target.to(input.dtype) if o.prob_target else target.reshape(-1).long()
     k = kernel_args(o, target_k, weight, token_weight, input)
-    loss, lse, entropy = distributed.linear_cross_entropy(
+    loss, lse, entropy = vocab_parallel.linear_cross_entropy(
         x, w, b, target_k, weight, k["row_weight"], k["loss_scale"], o, n_classes, positions,
         chunk_size, return_entropy, group)
     return with_extras(loss.to(_library.loss_dtype(input)), lse, entropy, o, return_lse,

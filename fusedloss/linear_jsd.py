@@ -20,7 +20,7 @@ from . import _backends, _checks, _library, reference
 from ._library import Op, acc_dtype
 from ._module import LossModule
 from .jsd import JSD, check_options, check_target, loss_scale, masked_rows
-from .linear_cross_entropy import HeadGradients, default_chunk_size
+from ._linear import HeadGradients, default_chunk_size
 
 
 def _outputs(a):
@@ -74,10 +74,10 @@ _run.builds_on = "jsd"
 
 
 def _reference(a):
-    """The op's loss output in torch ops (for higher-order gradients)."""
-    student = torch.nn.functional.linear(a.student_input, a.student_weight, a.student_bias)
-    teacher = torch.nn.functional.linear(a.teacher_input, a.teacher_weight, a.teacher_bias)
-    rows = masked_rows(reference.jsd_rows(student, teacher, a.beta, a.temperature), a)
+    """The op's loss output in torch ops (for higher-order gradients), chunked as the op."""
+    rows = masked_rows(reference.linear_jsd_rows(
+        a.student_input, a.student_weight, a.student_bias, a.teacher_input, a.teacher_weight,
+        a.teacher_bias, a.beta, a.temperature, a.chunk_size), a)
     return (_library.reduce_reference_rows(rows, a, acc_dtype(a.student_input.dtype)),)
 
 

@@ -129,8 +129,8 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
 
 def checkpointed_chunks(chunk, n, chunk_size, *rows):
     """[chunk(*rows[sl]) for each slice sl of chunk_size rows], each under
-    torch.utils.checkpoint when autograd records (memory O(chunk), the fused linear losses'
-    reference). None in `rows` stays None."""
+    torch.utils.checkpoint when autograd records (memory O(chunk): the references of the
+    fused linear losses and of SigLIP). None in `rows` stays None."""
     # Under torch.compile with a dynamic N the loop unrolls per number of chunks, not per
     # N; one chunk (an empty batch too) takes the rows unsliced.
     slices = [slice(None)] if n <= chunk_size else \
@@ -158,7 +158,8 @@ def linear_cross_entropy(x, linear_weight, linear_bias, target, num_classes, wei
     (C, S) (S > 1: a K-dimensional loss); target, token_weight: as cross_entropy's for
     logits (N, C, S). Each chunk runs under torch.utils.checkpoint, so autograd keeps only
     its inputs and recomputes its logits in the backward: memory O(chunk x C x S).
-    Returns (loss, lse, entropy or None), lse and entropy one per position, detached.
+    Returns (loss, lse, entropy or None), one per position: lse detached, the entropy with
+    its gradient.
     """
     n = x.shape[0]
     positions = linear_weight.shape[0] // num_classes
@@ -171,7 +172,7 @@ def linear_cross_entropy(x, linear_weight, linear_bias, target, num_classes, wei
         logits = F.linear(xc, linear_weight, linear_bias).view(-1, num_classes, positions)
         rows, lse, den = cross_entropy_rows(logits, tc, weight, ignore_index,
                                             label_smoothing, z_loss, softcap, logit_scale, twc)
-        entropy = softmax_entropy(logits.detach(), logit_scale, softcap) if with_entropy \
+        entropy = softmax_entropy(logits, logit_scale, softcap) if with_entropy \
             else None
         return rows, lse.detach(), den, entropy
 
@@ -266,18 +267,34 @@ def info_nce(query, key, temperature=0.07, logit_scale=None, labels=None, negati
     return _reduce(rows, reduction, rows.numel()).to(loss_dtype(query))
 
 
+# Pairs (logits) in one chunk of the SigLIP reference, as the CPU kernels' tile
+# (siglip.TILE_ELEMENTS): the chunk and its few temporaries stay a few MiB each.
+SIGLIP_CHUNK_PAIRS = 1 << 20
+
+
 def siglip_rows(image, text, logit_scale, logit_bias, diagonal=0):
     """Each image's SigLIP loss (accumulation dtype): sum_j -log sigmoid(z_ij l_ij) with
     l = logit_scale <image_i, text_j> + logit_bias, z_ij = +1 for j = i + diagonal (its
-    own text, where that column exists) and -1 for every other text."""
+    own text, where that column exists) and -1 for every other text.
+
+    The images go in chunks of rows, SIGLIP_CHUNK_PAIRS pairs with all the texts, each as
+    checkpointed_chunks runs it: memory O(chunk + N), never the N x M logits, through the
+    backward too."""
     acc = acc_dtype(image.dtype)
-    with autocast_off(image.device):
-        dots = image.to(acc) @ text.to(acc).T
-    logits = logit_scale.to(acc).reshape(()) * dots + logit_bias.to(acc).reshape(())
-    i = torch.arange(logits.shape[0], device=logits.device)[:, None]
-    j = torch.arange(logits.shape[1], device=logits.device)[None, :]
-    z = torch.where(j == i + diagonal, 1.0, -1.0).to(acc)
-    return -F.logsigmoid(z * logits).sum(1)
+    y = text.to(acc)
+    scale, bias = logit_scale.to(acc).reshape(()), logit_bias.to(acc).reshape(())
+    columns = torch.arange(y.shape[0], device=y.device)
+
+    def chunk(x, rows):  # rows: the chunk's image indices, for its positives
+        with autocast_off(x.device):
+            logits = scale * (x.to(acc) @ y.T) + bias
+        z = torch.where(columns == rows[:, None] + diagonal, 1.0, -1.0).to(acc)
+        return -F.logsigmoid(z * logits).sum(1)
+
+    n = image.shape[0]
+    chunk_rows = max(1, SIGLIP_CHUNK_PAIRS // max(1, y.shape[0]))
+    return torch.cat(checkpointed_chunks(chunk, n, chunk_rows, image,
+                                         torch.arange(n, device=image.device)))
 
 
 def siglip_loss(image, text, logit_scale, logit_bias, reduction="mean", diagonal=0):
@@ -330,20 +347,70 @@ def jsd(student, teacher, target=None, beta=0.5, temperature=1.0, ignore_index=-
     return _reduce(rows, reduction, counted.sum()).to(loss_dtype(student))
 
 
-def linear_jsd(student_input, student_weight, student_bias, teacher_input, teacher_weight,
-               teacher_bias, target=None, beta=0.5, temperature=1.0, ignore_index=-100,
-               reduction="mean", chunk_size=1024):
-    """jsd(F.linear(student ...), F.linear(teacher ...)) over rows in chunks, each under
-    torch.utils.checkpoint (memory O(chunk x V), as linear_cross_entropy)."""
-    n = student_input.shape[0]
-
+def linear_jsd_rows(student_input, student_weight, student_bias, teacher_input,
+                    teacher_weight, teacher_bias, beta=0.5, temperature=1.0, chunk_size=1024):
+    """jsd_rows(F.linear(student ...), F.linear(teacher ...)) over rows in chunks, as
+    checkpointed_chunks runs them (memory O(chunk x V), as linear_cross_entropy)."""
     def chunk(xs, xt):
         return jsd_rows(F.linear(xs, student_weight, student_bias),
                         F.linear(xt, teacher_weight, teacher_bias), beta, temperature)
 
-    rows = torch.cat(checkpointed_chunks(chunk, n, chunk_size, student_input, teacher_input))
+    return torch.cat(checkpointed_chunks(chunk, student_input.shape[0], chunk_size,
+                                         student_input, teacher_input))
+
+
+def linear_jsd(student_input, student_weight, student_bias, teacher_input, teacher_weight,
+               teacher_bias, target=None, beta=0.5, temperature=1.0, ignore_index=-100,
+               reduction="mean", chunk_size=1024):
+    """jsd(F.linear(student ...), F.linear(teacher ...)) without the logits of either
+    head: see linear_jsd_rows."""
+    rows = linear_jsd_rows(student_input, student_weight, student_bias, teacher_input,
+                           teacher_weight, teacher_bias, beta, temperature, chunk_size)
     counted = target != ignore_index if target is not None else None
     if counted is not None:
         rows = torch.where(counted, rows, torch.zeros_like(rows))
-    return _reduce(rows, reduction, counted.sum() if counted is not None else n) \
+    return _reduce(rows, reduction, counted.sum() if counted is not None else rows.numel()) \
         .to(loss_dtype(student_input))
+
+
+# ------------------------------------------------------------------------------ log-probs
+def log_probs_rows(x, target, inv_temperature, logit_scale=1.0, softcap=None,
+                   ignore_index=-100):
+    """fusedloss.log_probs' six outputs for the rows of x (N, V), in the accumulation
+    dtype: (log_probs, entropy, lse, log_sum_sq_probs, mean_logits, is_top1), the first
+    two differentiable. inv_temperature: a number, or one per row ((N,) tensor). Rows
+    whose target is ignore_index are 0 (is_top1 False); other targets outside [0, V) NaN."""
+    with autocast_off(x.device):
+        inv_t = inv_temperature[:, None] if isinstance(inv_temperature, torch.Tensor) \
+            else inv_temperature
+        z = transform_logits(x.to(acc_dtype(x.dtype)), logit_scale, softcap) * inv_t
+        logp = torch.log_softmax(z, dim=-1)
+    counted = target != ignore_index
+    valid = counted & (target >= 0) & (target < x.shape[-1])
+    picked = logp.gather(-1, torch.where(valid, target, 0)[:, None]).squeeze(-1)
+    p = logp.exp()
+    # p log p -> 0 where p = 0; the zeroed log keeps the gradient finite there too.
+    entropy = -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)
+    nan, zero = torch.full_like(picked, math.nan), torch.zeros_like(picked)
+
+    def row(v):
+        return torch.where(valid, v, torch.where(counted, nan, zero))
+
+    detached = [torch.logsumexp(z, -1), torch.logsumexp(2 * logp, -1), z.mean(-1)]
+    return (row(picked), row(entropy), *(row(v.detach()) for v in detached),
+            valid & (z.argmax(-1) == target))
+
+
+def linear_log_probs(x, linear_weight, linear_bias, target, inv_temperature, logit_scale=1.0,
+                     softcap=None, ignore_index=-100, chunk_size=1024):
+    """log_probs_rows(F.linear(x, linear_weight, linear_bias), ...) over rows of x (N, D) in
+    chunks, each under torch.utils.checkpoint (memory O(chunk x V), as linear_log_probs)."""
+    row_inv = inv_temperature if isinstance(inv_temperature, torch.Tensor) else None
+
+    def chunk(xc, tc, inv_c):
+        return log_probs_rows(F.linear(xc, linear_weight, linear_bias), tc,
+                              inv_c if inv_c is not None else inv_temperature, logit_scale,
+                              softcap, ignore_index)
+
+    pieces = checkpointed_chunks(chunk, x.shape[0], chunk_size, x, target, row_inv)
+    return tuple(torch.cat([p[i] for p in pieces]) for i in range(6))

@@ -30,8 +30,9 @@ siglip_tile kernels: C++ on the CPU, Triton on CUDA (there is no CUDA C++ kernel
 import math
 
 import torch
+import torch.distributed as dist
 
-from . import _backends, _checks, _library, reference
+from . import _backends, _checks, _collectives, _library, reference
 from ._library import Op, acc_dtype
 from ._module import LossModule
 from .cross_entropy import mean_scale
@@ -190,7 +191,8 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, reduc
     z_ij = 1 for i == j and -1 otherwise: reduction "mean" (default) divides by the number
     of images, as open_clip; "sum" does not; "none" returns each image's sum over the
     texts, shape (N,). Memory beyond the inputs and their gradients: one tile of logits
-    (TILE_ELEMENTS) and O(N), never N x N (the reference backend builds N x N).
+    (TILE_ELEMENTS) and O(N), never N x N (the reference backend: a few chunks of
+    reference.SIGLIP_CHUNK_PAIRS pairs).
 
     process_group: SigLIP over every rank's batch (torch.distributed). Each rank passes its
     own N pairs (every rank the same N and D) and replicated logit_scale / logit_bias;
@@ -222,9 +224,8 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, reduc
         raise ValueError(f"image_features has N={n} rows but text_features has {m}: SigLIP "
                          "pairs image i with text i")
     if process_group is not None:
-        from . import distributed
-        return distributed.siglip(image_features, text_features, scale, bias, reduction,
-                                  exchange, process_group, backend)
+        return _across_ranks(image_features, text_features, scale, bias, reduction, exchange,
+                             process_group, backend)
     return local_loss(image_features, text_features, scale, bias, reduction, 0, backend)
 
 
@@ -259,7 +260,7 @@ def pair_terms(backend, image, text, scale, bias, diagonal, row_weight=None,
                want=(False,) * 4):
     """Without autograd: each image's row against these texts (acc dtype), and the
     gradients flagged in `want` (image, text, logit_scale, logit_bias) of
-    sum_i row_weight_i row_i, None for the others. For fusedloss.distributed's ring."""
+    sum_i row_weight_i row_i, None for the others. For the ring across ranks (below)."""
     if backend == "reference":
         leaves = [t.detach().requires_grad_(w) for t, w in zip((image, text, scale, bias),
                                                                want)]
@@ -272,6 +273,83 @@ def pair_terms(backend, image, text, scale, bias, diagonal, row_weight=None,
     loss, *grads = SIGLIP.call(backend, **_op_args(image, text, scale, bias, row_weight, 0,
                                                    diagonal, want))
     return (loss, *(g if w else None for g, w in zip(grads, want)))
+
+
+# ------------------------------------------------------------------------------ across ranks
+class _RingSigLip(torch.autograd.Function):
+    """SigLIP with the text blocks passed around the ring. The forward adds up this
+    rank's image rows against each visiting block; the backward passes the blocks around
+    again, each with the accumulator of its gradient from the images it met, which is
+    home after a full turn (the incoming gradient of each rank's loss is only known then,
+    so the tiles are computed again). A rank holds its own features, the block it works on
+    and the one arriving: memory O(N x D) whatever the number of ranks. Each step runs the
+    backend's tiles (pair_terms)."""
+
+    @staticmethod
+    def forward(ctx, image, text, scale, bias, group, reduction, backend):
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        n = image.shape[0]
+        rows, block = None, text
+        for step in range(world):
+            # Only this rank's own block holds its images' positives (diagonal 0); for the
+            # others, diagonal n puts every positive past the last column.
+            diagonal = 0 if (rank - step) % world == rank else n
+            r = pair_terms(backend, image, block, scale, bias, diagonal)[0]
+            rows = r if rows is None else rows + r
+            if step < world - 1:
+                (block,) = _collectives.ring_step([block], group, rank, world)
+        ctx.save_for_backward(image, text, scale, bias)
+        ctx.group, ctx.reduction, ctx.backend = group, reduction, backend
+        return rows if reduction == 0 else rows.sum() / (n if reduction == 1 else 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _collectives.first_order_only()
+        image, text, scale, bias = ctx.saved_tensors
+        group = ctx.group
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        n, acc = image.shape[0], acc_dtype(image.dtype)
+        row_weight = grad.to(acc)
+        if ctx.reduction != 0:
+            row_weight = (row_weight / n if ctx.reduction == 1 else row_weight).expand(n)
+        want = ctx.needs_input_grad[:4]
+        total = [None] * 4  # image, text (the visiting block's), logit_scale, logit_bias
+        block = text
+        for step in range(world):
+            diagonal = 0 if (rank - step) % world == rank else n
+            got = pair_terms(ctx.backend, image, block, scale, bias, diagonal,
+                             row_weight.contiguous(), want)[1:]
+            for i, g in enumerate(got):
+                if g is not None:
+                    total[i] = g.to(acc) if total[i] is None else total[i] + g.to(acc)
+            # The block moves on with the gradient it has gathered; after the last step
+            # only the gradient, which then arrives home.
+            moving = ([block] if step < world - 1 else []) + ([total[1]] if want[1] else [])
+            if moving:
+                moved = _collectives.ring_step(moving, group, rank, world)
+                if step < world - 1:
+                    block = moved.pop(0)
+                if want[1]:
+                    total[1] = moved[0]
+        return (*(t.to(x.dtype).reshape(x.shape) if t is not None else None
+                  for t, x in zip(total, (image, text, scale, bias))), None, None, None)
+
+
+def _across_ranks(image, text, scale, bias, reduction, mode, group, backend):
+    """SigLIP of this rank's images against every rank's texts: this rank's loss (see
+    fusedloss.siglip_loss). mode: "all_gather" (the texts gathered with their gradients,
+    then this backend's single-device loss) or "ring"."""
+    _, rank = _collectives.check_group(group, image, "siglip_loss")
+    n = image.shape[0]
+    meta = _collectives.exchange([n, image.shape[1]], group, image.device)
+    _collectives.check_agree(meta, ["the number of pairs N", "the feature dimension D"], "siglip_loss")
+    if mode == "ring":
+        name = _backends.resolve(SIGLIP, backend, image.device)
+        return _RingSigLip.apply(image, text, scale, bias, group,
+                                 _checks.reduction_code(reduction), name) \
+            .to(_library.loss_dtype(image))
+    texts = _collectives.AllGather.apply(text, group)
+    return local_loss(image, texts, scale, bias, reduction, rank * n, backend)
 
 
 class SigLipLoss(LossModule):

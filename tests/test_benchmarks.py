@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import ast
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 try:
-    from fusedloss.benchmarks import __main__ as cli, cases, measure, providers, report
+    from fusedloss.benchmarks import (__main__ as cli, cases, distributed, measure, progress,
+                                      providers, report)
 except ImportError:  # a source checkout that is not installed
     sys.path.insert(0, str(ROOT))
-    from benchmarks import __main__ as cli, cases, measure, providers, report
+    from benchmarks import (__main__ as cli, cases, distributed, measure, progress, providers,
+                            report)
 
 TINY = cases.Case("cross_entropy", 16, 50)
 
@@ -130,11 +133,12 @@ def test_skip_suite_and_time_budget(tmp_path, capsys, monkeypatch):
     """--skip-suite leaves out another suite's cases; --time-budget starts no case past it
     and lists the cases left as not run."""
     monkeypatch.setattr(measure, "probe_device", lambda device: {"device_name": "test"})
-    assert cli.main(["--device", "cuda", "--full", "--skip-suite", "quick", "--list"]) == 0
+    assert cli.main(["--device", "cuda", "--suite", "large", "--skip-suite", "full",
+                     "--list"]) == 0
     plan = capsys.readouterr().out
-    full = cases.select_cases("cuda", "full")
-    left = [c for c in full if c not in set(cases.select_cases("cuda", "quick"))]
-    assert 0 < len(left) < len(full) and f"{len(left)} cases (cuda, full" in plan
+    large = cases.select_cases("cuda", "large")
+    left = [c for c in large if c not in set(cases.select_cases("cuda", "full"))]
+    assert 0 < len(left) < len(large) and f"{len(left)} cases (cuda, large" in plan
 
     assert cli.main(["--device", "cpu", "--loss", "ce", "--shapes", "8x16,8x32",
                      "--providers", "torch", "--time-budget", "0", "--no-plots",
@@ -156,3 +160,125 @@ def test_plots_need_matplotlib_before_the_run(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="pip install matplotlib.*--no-plots"):
         cli.main(args)
     assert not any(tmp_path.iterdir())
+
+
+# The loss families of the first suite: a loss and its fused-linear form are one family
+# where the brief of that suite says so (JSD and linear JSD).
+FAMILIES = {"cross_entropy": "cross-entropy", "focal": "focal", "sigmoid_focal": "sigmoid focal",
+            "info_nce": "InfoNCE", "linear_cross_entropy": "linear cross-entropy",
+            "jsd": "JSD", "linear_jsd": "JSD", "siglip": "SigLIP"}
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_first_suite_has_one_case_per_loss_family(device):
+    single = [c for c in cases.select_cases(device, "first")
+              if c.world == 1 and c.loss in FAMILIES]
+    assert sorted(FAMILIES[c.loss] for c in single) == sorted(set(FAMILIES.values()))
+
+
+def _fake_row(case, providers_, device, repeats, warmup, on_row=None):
+    rows = []
+    for p in providers_:
+        times = {f"{step}_ms{q}": 1.0 for step in ("fwd", "bwd", "fwdbwd")
+                 for q in ("", "_p20", "_p80")}
+        rows.append(measure.case_row(case, p.name, "ok", peak_mem_mib=1.0, repeats=repeats,
+                                     **times))
+        if on_row:
+            on_row(rows[-1])
+    return rows
+
+
+def test_default_run_is_the_first_suite_and_names_the_full_one(tmp_path, capsys,
+                                                               monkeypatch):
+    """With no arguments: the first suite, a bar (plain lines without tqdm), the table,
+    and a closing line naming --suite full and the GPU suite. Nothing is measured here."""
+    monkeypatch.setattr(measure, "probe_device", lambda device: {"device_name": "test"})
+    monkeypatch.setattr(measure, "run_case_isolated", _fake_row)
+    monkeypatch.setattr(distributed, "run_case", lambda case, able, *a, **k: _fake_row(
+        case, able, "cpu", *a, **k))
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # the plain-line fallback
+    assert cli.main(["--device", "cpu", "--no-plots", "--out", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    first = cases.select_cases("cpu", "first")
+    assert f"{len(first)} cases (cpu, first suite)" in out
+    assert f"[{len(first)}/{len(first)}]" in err and "s left)" in err
+    data = json.loads((tmp_path / "latest-cpu.json").read_text())
+    assert data["meta"]["suite"] == "first"
+    assert {r["loss"] for r in data["rows"]} == {c.loss for c in first}
+    closing = out.rstrip().splitlines()[-1]
+    assert "--suite full" in closing and "GPU" in closing
+
+
+def test_old_suite_flags_name_the_same_cases(capsys):
+    """--quick and --full, from before --suite, run what they ran: now full and large."""
+    for old, new in (("--quick", "full"), ("--full", "large")):
+        assert cli.parse_args([old]).suite == new
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--quick", "--suite", "first"])
+    capsys.readouterr()
+
+
+def test_progress_estimate_weighs_compile_and_corrects_itself(monkeypatch):
+    case = cases.Case("cross_entropy", 1024, 32000)
+    eager, compiled = providers.select(["torch", "compile"])
+    assert progress.run_seconds(case, compiled, "cpu", 5) > \
+        progress.run_seconds(case, eager, "cpu", 5) + progress.COMPILE_S / 2
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    bar = progress.Bar(100.0)
+    assert bar.left_s() is None
+    bar.case(1, 2, "first", 50.0)
+    bar.advance(80.0)  # no more than the case's estimate
+    assert bar.done == 50.0
+    bar.started -= 10.0  # 10 s for the first half: about 10 s left
+    assert 9.0 < bar.left_s() < 11.5
+
+
+def _benchmark_imports(path, package):
+    """The benchmarks modules `path` imports, at module level or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: from . import x / from .x import y / from .. import
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            names = [target] + [f"{target}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        found |= {n.removeprefix("fusedloss.") for n in names
+                  if n.removeprefix("fusedloss.").startswith("benchmarks.")}
+    return found
+
+
+def test_benchmarks_import_graph_is_acyclic():
+    """Module-level and function-level imports alike: the modules of benchmarks/ form
+    layers (measure -> cases -> providers -> report -> the commands), no circle."""
+    root = ROOT / "benchmarks"
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        package = name if parts[-1] == "__init__" else ".".join(parts[:-1])
+        modules[name] = (path, package)
+    graph = {name: {m for m in _benchmark_imports(path, package) if m in modules and m != name}
+             for name, (path, package) in modules.items()}
+    order, state = [], {}
+
+    def visit(name, chain):
+        if state.get(name) == "done":
+            return
+        assert state.get(name) != "open", "import circle: " + " -> ".join(chain + [name])
+        state[name] = "open"
+        for dep in sorted(graph[name]):
+            visit(dep, chain + [name])
+        state[name] = "done"
+        order.append(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+    assert graph["benchmarks.measure"] <= {"benchmarks"}  # the bottom layer
+    assert order.index("benchmarks.cases") < order.index("benchmarks.providers") \
+        < order.index("benchmarks.report") < order.index("benchmarks.__main__")

@@ -402,14 +402,22 @@ def test_entropy(backend, device, shape):
     z = 4.0 * torch.tanh(x * 0.8 / 4.0)
     logp = torch.log_softmax(z, class_dim)
     expected = -(logp.exp() * torch.where(logp.exp() > 0, logp, 0)).sum(class_dim)
-    assert entropy.shape == t.shape and not entropy.requires_grad
+    assert entropy.shape == t.shape and entropy.requires_grad and not lse.requires_grad
     assert_close(entropy, expected)
     assert_close(lse, torch.logsumexp(z, class_dim))
-    loss.backward()  # the extras do not change the loss or its gradient
+    loss.backward(retain_graph=True)  # the extras do not change the loss or its gradient
     xb = x.clone().requires_grad_()
     ce_formula(xb if len(shape) > 1 else xb[None], t if len(shape) > 1 else t[None], w,
                logit_scale=0.8, softcap=4.0).backward()
     assert_close(xa.grad, xb.grad)
+    # The entropy's own gradient (an entropy bonus), alone: as the formula's.
+    h = torch.randn(t.shape, dtype=torch.float64, device=device)
+    (got,) = torch.autograd.grad((entropy * h).sum(), xa)
+    xc = x.clone().requires_grad_()
+    logp_c = torch.log_softmax(4.0 * torch.tanh(xc * 0.8 / 4.0), class_dim)
+    formula_h = -(logp_c.exp() * torch.where(logp_c.exp() > 0, logp_c, 0)).sum(class_dim)
+    (want,) = torch.autograd.grad((formula_h * h).sum(), xc)
+    assert_close(got, want)
     only = fusedloss.cross_entropy(x, t, w, return_entropy=True, backend=backend)
     assert len(only) == 2
     with torch.no_grad():  # without a gradient pass

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import fusedloss
 from conftest import assert_close
-from multiprocess import run_ranks
+from gloo_ranks import run_ranks
 
 # Uneven class slices of C = 37 for each world size.
 SLICES = {1: [37], 2: [10, 27], 3: [5, 20, 12]}

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import fusedloss
 from conftest import assert_close, assert_matches
 from contract import LossContract, Sample
+from test_siglip import LiveBytes
 
 BETAS = [0.0, 1.0, 0.5, 0.2]
 
@@ -152,6 +153,30 @@ def test_linear_jsd_refuses_teacher_gradients(backend, device):
         fusedloss.linear_jsd(xs, ws, xt, wt.requires_grad_(), backend=backend)
     with torch.no_grad():  # a frozen teacher under no_grad is fine
         fusedloss.linear_jsd(xs, ws, xt, wt, backend=backend)
+
+
+def test_linear_jsd_reference_memory_stays_chunked():
+    """The reference's fwd+bwd holds a few chunks of logits and the student's gradients,
+    never either head's N x V logits: autograd keeps no chunk's logits, the backward
+    recomputes them."""
+    n, v, rows = 1024, 2048, 16
+    xs, ws, bs, xt, wt, bt = heads(n, 32, 32, v, torch.float32, "cpu")
+    student = [t.requires_grad_() for t in (xs, ws, bs)]
+
+    def peak(chunk_size):
+        with LiveBytes() as mem:
+            fusedloss.linear_jsd(student[0], student[1], xt, wt, student_bias=student[2],
+                                 teacher_bias=bt, chunk_size=chunk_size,
+                                 backend="reference").backward()
+        return mem.peak
+
+    chunk, logits = rows * v * 4, n * v * 4
+    gradients = sum(t.numel() * 4 for t in student)
+    # Measured: the gradients and 14 chunks (jsd_rows' temporaries, kept for the chunk's
+    # backward); in one chunk that is 14 times one head's N x V logits.
+    got = peak(rows)
+    assert 0 < got <= 16 * chunk + 2 * gradients < logits / 2, got
+    assert peak(n) >= 2 * logits  # the check can fail: one chunk holds both heads' logits
 
 
 def test_linear_jsd_module(backend, device):

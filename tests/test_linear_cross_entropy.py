@@ -164,7 +164,20 @@ def test_lse_and_entropy(backend, device):
     logp = torch.log_softmax(z, 1)
     assert_close(lse, torch.logsumexp(z, 1))
     assert_close(entropy, -(logp.exp() * logp).sum(1))
-    assert not lse.requires_grad and not entropy.requires_grad
+    assert not lse.requires_grad and not entropy.requires_grad  # nothing required grad
+    # With leaves that require grad, the entropy carries its gradient (an entropy bonus).
+    leaves = [v.clone().requires_grad_() for v in (x, w, b)]
+    refs = [v.clone().requires_grad_() for v in (x, w, b)]
+    loss, entropy = fusedloss.linear_cross_entropy(
+        leaves[0], leaves[1], t, linear_bias=leaves[2], softcap=5.0, return_entropy=True,
+        chunk_size=6, backend=backend)
+    h = torch.randn(entropy.shape, dtype=torch.float64, device=device)
+    (loss + (entropy * h).sum()).backward()
+    logp = torch.log_softmax(5.0 * torch.tanh(F.linear(*refs) / 5.0), 1)
+    (linear_formula(refs[0], refs[1], t, linear_bias=refs[2], softcap=5.0)
+     - ((logp.exp() * logp).sum(1) * h).sum()).backward()
+    for a, e in zip(leaves, refs):
+        assert_close(a.grad, e.grad)
 
 
 def test_second_backward_needs_reusable_graph(kernel_backend, device):

@@ -63,7 +63,7 @@ def test_runner_writes_under_the_current_directory(tmp_path, monkeypatch):
 
 
 def _copy_sources(dst):
-    shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns(
+    shutil.copytree(ROOT, dst, symlinks=True, ignore=shutil.ignore_patterns(
         ".git", "build", "dist", "*.egg-info", "*.so", "__pycache__", ".pytest_cache",
         "results", "fusedloss-bench-results", ".venv"))
     return dst
@@ -81,9 +81,11 @@ def _build_wheel(tmp_path, **env):
 
 
 def _installed_name(src, path):
-    """Where a source .py file lands in the wheel (setup.py's PACKAGE_DIRS)."""
+    """Where a source .py file lands in the wheel (setup.py's PACKAGE_DIRS; the kernels/
+    folder through its link fusedloss/kernels)."""
     rel = path.relative_to(src).as_posix()
-    for package, folder in _setup_constant("PACKAGE_DIRS").items():
+    folders = {**_setup_constant("PACKAGE_DIRS"), "fusedloss.kernels": "kernels"}
+    for package, folder in folders.items():
         if rel.startswith(folder + "/"):
             return package.replace(".", "/") + rel[len(folder):]
     return None
@@ -96,7 +98,7 @@ def test_wheel_holds_every_package(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {name for path in src.rglob("*.py")
                 if (name := _installed_name(src, path)) is not None}
-    assert {"fusedloss/__init__.py", "fusedloss/kernels/__init__.py",
+    assert {"fusedloss/__init__.py", "fusedloss/kernels/cross_entropy.py",
             "fusedloss/benchmarks/__main__.py"} <= expected
     assert expected <= names, sorted(expected - names)
     info = f"fusedloss-{fusedloss.__version__}.dist-info"

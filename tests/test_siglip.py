@@ -1,11 +1,15 @@
 """SigLIP against open_clip's SigLipLoss formula (the N x N logits), written here."""
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedloss
 from conftest import assert_close, assert_matches
 from contract import LossContract, Sample
+from fusedloss import reference
 from fusedloss import siglip as siglip_module
 
 
@@ -35,9 +39,11 @@ def leaves(*tensors):
 
 @pytest.fixture
 def tiles(monkeypatch):
-    """Set the tile budget (values) for the tensors' device type."""
+    """Set the tile budget (values) for the tensors' device type, and the reference's
+    chunk (pairs) to the same."""
     def set_budget(device, values):
         monkeypatch.setitem(siglip_module.TILE_ELEMENTS, torch.device(device).type, values)
+        monkeypatch.setattr(reference, "SIGLIP_CHUNK_PAIRS", values)
     return set_budget
 
 
@@ -54,8 +60,11 @@ def test_matches_open_clip(backend, device, n, d, param_shape, reduction):
 
 
 # (N, tile budget in values): 1 x 1 tiles; 2 x 3 tiles (23 rows leave a tail of 1, 23
-# columns a tail of 2); 5 x 4 (tails of 3 and 3); one 23 x 23 tile; a budget above N^2.
-@pytest.mark.parametrize("n, budget", [(7, 1), (23, 6), (23, 20), (23, 529), (23, 10_000)])
+# columns a tail of 2); 5 x 4 (tails of 3 and 3); 3 x 3 (tails of 3 and 3); one 23 x 23
+# tile; a budget above N^2. The reference's chunks: 1 row up to budget 20, then 4 rows (a
+# tail of 3), then all 23.
+@pytest.mark.parametrize("n, budget", [(7, 1), (23, 6), (23, 20), (23, 100), (23, 529),
+                                       (23, 10_000)])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_tile_boundaries(backend, device, tiles, n, budget, reduction):
     tiles(device, budget)
@@ -146,6 +155,74 @@ def test_memory_stays_tiled():
                                 profile_memory=True) as prof:
         open_clip_formula(*leaves(*a)).backward()
     assert max(e.cpu_memory_usage for e in prof.events()) >= n_by_n  # the check can fail
+
+
+class LiveBytes(TorchDispatchMode):
+    """The bytes of the tensors the ops create while they live, and their peak (`peak`):
+    the CPU allocator keeps no peak of its own. A storage counts from the op that creates
+    it until it is freed; outputs sharing an input's storage (views, in place) add
+    nothing. Workspace an op frees before returning is not seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.counted = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = lambda tree: [t for t in torch.utils._pytree.tree_leaves(tree)  # noqa: E731
+                                if isinstance(t, torch.Tensor)]
+        inputs = {t.untyped_storage().data_ptr() for t in tensors((args, kwargs))}
+        for t in tensors(out):
+            storage = t.untyped_storage()
+            ptr, size = storage.data_ptr(), storage.nbytes()
+            if size and ptr not in inputs and ptr not in self.counted:
+                self.counted.add(ptr)
+                self.live += size
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._freed, ptr, size)
+        return out
+
+    def _freed(self, ptr, size):
+        self.counted.discard(ptr)
+        self.live -= size
+
+
+def test_reference_memory_stays_chunked(monkeypatch):
+    """The reference's fwd+bwd (the oracle, and the fallback without the extension) holds
+    a few chunks and the gradients, never the N x N logits: autograd keeps no chunk's
+    logits, the backward recomputes them."""
+    n, d, rows = 2048, 16, 32
+    monkeypatch.setattr(reference, "SIGLIP_CHUNK_PAIRS", rows * n)
+    a = leaves(*make(n, d, torch.float32, "cpu"))
+    with LiveBytes() as mem:
+        fusedloss.siglip_loss(*a, backend="reference").backward()
+    chunk, n_by_n, features = rows * n * 4, n * n * 4, n * d * 4
+    # Measured: about 7 chunks, the gradients included (a chunk's temporaries, kept for
+    # its backward); in one chunk that is 6 N x N.
+    assert 0 < mem.peak <= 8 * chunk + 4 * features < n_by_n / 4, mem.peak
+    monkeypatch.setattr(reference, "SIGLIP_CHUNK_PAIRS", n * n)  # one chunk: N x N
+    with LiveBytes() as mem:
+        fusedloss.siglip_loss(*leaves(*a), backend="reference").backward()
+    assert mem.peak >= n_by_n  # the check can fail
+
+
+def test_chunked_reference_second_order_and_func(backend, device, tiles):
+    """With the reference in chunks (of 2 rows here): double backward (the kernel ops'
+    create_graph differentiates the reference), torch.func.grad and vmap (which run the
+    reference on every backend)."""
+    tiles(device, 10)
+    a = leaves(*make(5, 3, torch.float64, device, scale=3.0, bias=-2.0, param_shape=(1,)))
+    f = lambda *t: fusedloss.siglip_loss(*t, reduction="none", backend=backend)  # noqa: E731
+    with fusedloss.reusable_graph():
+        assert torch.autograd.gradgradcheck(f, a)
+    grads = torch.func.grad(lambda *t: f(*t).sum(), argnums=(0, 1, 2, 3))(*a)
+    for g, e in zip(grads, torch.autograd.grad(open_clip_formula(*a, "none").sum(), a)):
+        assert_close(g, e)
+    batch = [torch.stack([t.detach(), t.detach().flip(0)]) for t in a]
+    assert_close(torch.func.vmap(f)(*batch),
+                 torch.stack([open_clip_formula(*(t[i] for t in batch), "none")
+                              for i in range(2)]))
 
 
 def test_not_initialized_process_group():

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import fusedloss
 from conftest import assert_close
-from multiprocess import run_ranks
+from gloo_ranks import run_ranks
 from test_distributed import train_towers
 from test_siglip import open_clip_formula
 

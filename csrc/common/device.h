@@ -1,9 +1,10 @@
-// What the host code of csrc/common/*_ops.h asks of a device: its launches, buffers and
-// sums, declared once here for both. The members of Device<kCPU> are defined in
-// csrc/cpu/device.cpp, those of Device<kCUDA> in the .cu files of csrc/cuda, with the
-// same names, so the two read side by side. A CUDA launch goes to the current stream of
-// the current device (the host code sets it to the tensors'), and none reads a device
-// value on the host.
+// What the host code of csrc/common/*_ops.h asks of a device: its buffers and sums, and
+// the launches of the families with kernels on both devices, declared once here for both
+// (a CPU-only family launches its kernel through cpu/launch.h instead). The members of
+// Device<kCPU> are defined in csrc/cpu/device.cpp, those of Device<kCUDA> in the .cu files
+// of csrc/cuda, with the same names, so the two read side by side. A CUDA launch goes to
+// the current stream of the current device (the host code sets it to the tensors'), and
+// none reads a device value on the host.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -42,10 +43,6 @@ struct Device {
   static void info_nce_rows_fwd(const InfoNceBlockArgs& a);
   static void info_nce_cols_fwd(const InfoNceBlockArgs& a);
   static void info_nce_rows_bwd(const InfoNceBlockArgs& a);
-  // JSD rows (CPU only: on CUDA the op runs its Triton kernel).
-  static void jsd_rows(const JsdArgs& a);
-  // SigLIP tiles (CPU only: on CUDA the op runs its Triton kernel).
-  static void siglip_tile(const SiglipTileArgs& a);
 };
 
 }  // namespace fusedloss

@@ -179,4 +179,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_backward(
   return {gq.to(a.query.scalar_type()), grad_key, grad_neg, grad_scale};
 }
 
+FUSEDLOSS_REGISTER_OPS(info_nce, m, Device) {
+  FUSEDLOSS_IMPL(m, info_nce, &info_nce<Device>);
+  FUSEDLOSS_IMPL(m, info_nce_backward, &info_nce_backward<Device>);
+}
+
 }  // namespace fusedloss

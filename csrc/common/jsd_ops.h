@@ -1,5 +1,6 @@
-// The host side of jsd: checks, outputs, JsdArgs packing; the Device launches. The loss
-// is returned in the accumulation type, as cross_entropy's (linear_jsd sums chunks of it).
+// The host side of jsd: checks, outputs, JsdArgs packing, and the launch of the CPU kernel
+// (cpu/jsd.h). The loss is returned in the accumulation type, as cross_entropy's
+// (linear_jsd sums chunks of it).
 #pragma once
 
 #include <c10/core/DeviceGuard.h>
@@ -7,13 +8,17 @@
 #include <tuple>
 #include <utility>
 
+#include "common/device.h"
 #include "common/host.h"
 #include "common/op_boxing.h"
+#include "cpu/jsd.h"
+#include "cpu/launch.h"
 
 namespace fusedloss {
 
 template <class Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> jsd(const schema::jsd& a) {
+  static_assert(Device::kType == kCPU, "jsd has a CPU kernel only (FUSEDLOSS_REGISTER_CPU_OPS)");
   constexpr const char* op = "jsd";
   TORCH_CHECK(a.student.device().type() == Device::kType, "fusedloss.", op, ": expected ",
               Device::kType, " tensors, got student on ", a.student.device());
@@ -70,9 +75,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jsd(const schema::jsd& a) {
   void* gt = a.grad_teacher ? grad_teacher.mutable_data_ptr() : nullptr;
   j.grad_student = swap ? gt : gs;
   j.grad_teacher = swap ? gs : gt;
-  if (N > 0) Device::jsd_rows(j);
+  if (N > 0) cpu::launch<JsdArgs>(j.dtype, j, N, cpu::grain_for(2 * V));
   at::Tensor loss = a.reduction == 0 ? rows : Device::sum_rows(rows, loss_scale, acc);
   return {loss, grad_student, grad_teacher};
+}
+
+// A CPU kernel only: on a GPU the op runs its Triton kernel.
+FUSEDLOSS_REGISTER_CPU_OPS(jsd, m, Device) {
+  FUSEDLOSS_IMPL(m, jsd, &jsd<Device>);
 }
 
 }  // namespace fusedloss

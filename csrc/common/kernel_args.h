@@ -1,7 +1,8 @@
-// What a kernel launch reads: plain data (pointers, sizes, scalars), packed once on the
-// host by csrc/common/*_ops.h and read alike by the CPU kernels (csrc/cpu) and the CUDA
-// kernels (csrc/cuda). No tensor type appears here: the CPU translation units compiled for
-// AVX2 / AVX-512 include it without the tensor headers.
+// What a kernel launch reads, for the families with both CPU and CUDA kernels: plain data
+// (pointers, sizes, scalars), packed once on the host by csrc/common/*_ops.h and read alike
+// by the CPU kernels (csrc/cpu) and the CUDA kernels (csrc/cuda). A CPU-only family keeps
+// its arguments beside its kernel, in csrc/cpu/<loss>.h. No tensor type appears here: the
+// CPU translation units compiled for AVX2 / AVX-512 include it without the tensor headers.
 #pragma once
 
 #include <cstdint>
@@ -81,42 +82,6 @@ struct InfoNceBlockArgs {
   const void* row_lse_in;   // (N,)
   const void* col_lse_in;   // (M,) (symmetric)
   void* scale_partial;      // (N,) sum_j dlogits[i, j] * dots[i, j]
-};
-
-// ---------------------------------------------------------------- JSD rows
-// (N, V) student and teacher logits, contiguous, one row per token; the algebra is in
-// fusedloss/jsd.py. beta 0 is KL(teacher || student); the host passes beta 1 (reverse
-// KL) as beta 0 with the two sides swapped; 0 < beta < 1 is the mixture.
-struct JsdArgs {
-  DType dtype;               // of both logits and both gradients
-  const void* student;
-  const void* teacher;
-  void* grad_student;        // like student, or nullptr
-  void* grad_teacher;        // like teacher, or nullptr
-  const int64_t* target;     // (N,) or nullptr: rows equal to ignore_index are left out
-  const void* row_weight;    // (N,) accumulation type, or nullptr: multiplies each row
-  const void* loss_scale;    // 0-dim accumulation type: multiplies the gradients
-  void* loss_rows;           // (N,) accumulation type, unscaled
-  int64_t N, V, ignore_index;
-  double beta, inv_temperature;
-};
-
-// ---------------------------------------------------------------- SigLIP tiles
-// One (R, C) row-major tile of image-text dot products in the accumulation type (from a
-// GEMM in fusedloss/siglip.py, whose docstring has the algebra); row r's positive is
-// column r + diagonal, where that column exists.
-struct SiglipTileArgs {
-  DType acc;                 // kFloat or kDouble
-  void* dots;                // (R, C); with compute_grad overwritten with scale * G
-  int64_t R, C, diagonal;
-  const void* scale;         // 0-dim: logit_scale
-  const void* bias;          // 0-dim: logit_bias
-  const void* loss_scale;    // 0-dim: multiplies G
-  const void* row_weight;    // (R,), or nullptr: multiplies G per row
-  bool compute_grad;
-  void* row_loss;            // (R,) sum over the row's columns of the loss, unscaled
-  void* scale_rows;          // (R,) sum G * dots, or nullptr
-  void* bias_rows;           // (R,) sum G, or nullptr
 };
 
 }  // namespace fusedloss

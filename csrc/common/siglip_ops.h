@@ -1,20 +1,25 @@
-// The host side of siglip_tile: checks, outputs, packing; the Device launches. The tile
-// comes from a GEMM in fusedloss/siglip.py (the composite op `siglip` loops over tiles);
-// the kernel writes one value per row of each output, so the sums over a row's columns
-// stay in one thread, in a fixed order.
+// The host side of siglip_tile: checks, outputs, packing, and the launch of the CPU kernel
+// (cpu/siglip.h). The tile comes from a GEMM in fusedloss/siglip.py (the composite op
+// `siglip` loops over tiles); the kernel writes one value per row of each output, so the
+// sums over a row's columns stay in one thread, in a fixed order.
 #pragma once
 
 #include <c10/core/DeviceGuard.h>
 
 #include <tuple>
 
+#include "common/device.h"
 #include "common/host.h"
 #include "common/op_boxing.h"
+#include "cpu/launch.h"
+#include "cpu/siglip.h"
 
 namespace fusedloss {
 
 template <class Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> siglip_tile(const schema::siglip_tile& a) {
+  static_assert(Device::kType == kCPU,
+                "siglip_tile has a CPU kernel only (FUSEDLOSS_REGISTER_CPU_OPS)");
   constexpr const char* op = "siglip_tile";
   const at::Tensor& dots = a.dots;
   TORCH_CHECK(dots.device().type() == Device::kType, "fusedloss.", op, ": expected ",
@@ -51,8 +56,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> siglip_tile(const schema::siglip_
   s.row_loss = row_loss.mutable_data_ptr();
   s.scale_rows = a.compute_grad ? scale_rows.mutable_data_ptr() : nullptr;
   s.bias_rows = a.compute_grad ? bias_rows.mutable_data_ptr() : nullptr;
-  if (R > 0) Device::siglip_tile(s);
+  if (R > 0) cpu::launch<SiglipTileArgs>(s.acc, s, R, cpu::grain_for(C));
   return {row_loss, scale_rows, bias_rows};
+}
+
+// A CPU kernel only: on a GPU the op runs its Triton kernel.
+FUSEDLOSS_REGISTER_CPU_OPS(siglip_tile, m, Device) {
+  FUSEDLOSS_IMPL(m, siglip_tile, &siglip_tile<Device>);
 }
 
 }  // namespace fusedloss

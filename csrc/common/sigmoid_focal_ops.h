@@ -58,4 +58,8 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss(const schema::sigmoid_foca
   return {loss, grad};
 }
 
+FUSEDLOSS_REGISTER_OPS(sigmoid_focal, m, Device) {
+  FUSEDLOSS_IMPL(m, sigmoid_focal_loss, &sigmoid_focal_loss<Device>);
+}
+
 }  // namespace fusedloss

@@ -151,4 +151,10 @@ std::tuple<at::Tensor, at::Tensor> focal_loss(const schema::focal_loss& a) {
           a.compute_grad ? grad : x.new_empty({0})};
 }
 
+FUSEDLOSS_REGISTER_OPS(softmax_rows, m, Device) {
+  FUSEDLOSS_IMPL(m, cross_entropy, &cross_entropy<Device>);
+  FUSEDLOSS_IMPL(m, cross_entropy_inplace, &cross_entropy_inplace<Device>);
+  FUSEDLOSS_IMPL(m, focal_loss, &focal_loss<Device>);
+}
+
 }  // namespace fusedloss

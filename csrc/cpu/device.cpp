@@ -1,12 +1,12 @@
-// The CPU launches (Device<kCPU>, declared in common/device.h): the kernel table for this CPU,
-// at::parallel_for over rows, chunks or columns, and the deterministic sums.
+// The CPU launches (Device<kCPU>, declared in common/device.h) of the families shared with
+// CUDA, the choice of instruction set (cpu::isa), and the deterministic sums. The
+// kernels are found in the registry (cpu/launch.h); CPU-only families launch from their
+// host code directly.
 //
-// Threads split the work into contiguous ranges; every row (chunk, column) is computed by
-// one thread in a fixed order and partial results are summed by a fixed pairwise tree
-// afterwards, so results do not depend on the number of threads.
+// Partial results are summed by a fixed pairwise tree afterwards, so results do not
+// depend on the number of threads.
 #include "common/device.h"
 
-#include <ATen/Parallel.h>
 #include <ATen/Version.h>
 
 #include <algorithm>
@@ -17,40 +17,36 @@
 #include <sys/mman.h>
 #endif
 
-#include "cpu/kernel_table.h"
+#include "cpu/info_nce.h"
+#include "cpu/launch.h"
+#include "cpu/sigmoid_focal.h"
+#include "cpu/softmax_rows.h"
 
 namespace fusedloss {
 namespace cpu {
-namespace {
 
-const KernelTable& kernel_table() {
-  static const KernelTable* table = [] {
+Isa isa() {
+  static const Isa chosen = [] {
     // ATen's choice honours ATEN_CPU_CAPABILITY; the CPUID check guards against a
-    // libtorch that reports more than this CPU has. The x86 tables are only touched
+    // libtorch that reports more than this CPU has. The x86 kernels are only touched
     // after both agree (their code uses the instructions they are built for).
     const std::string cap = at::get_cpu_capability();
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#if FUSEDLOSS_CPU_X86_ISAS
     __builtin_cpu_init();
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
                         __builtin_cpu_supports("avx512bw") &&
                         __builtin_cpu_supports("avx512vl") &&
                         __builtin_cpu_supports("avx512dq");
-    if (cap == "AVX512" && avx512 && kernel_table_avx512().softmax_rows[0])
-      return &kernel_table_avx512();
-    if ((cap == "AVX512" || cap == "AVX2") && avx2 && kernel_table_avx2().softmax_rows[0])
-      return &kernel_table_avx2();
+    if (cap == "AVX512" && avx512) return Isa::AVX512;
+    if ((cap == "AVX512" || cap == "AVX2") && avx2) return Isa::AVX2;
 #endif
-    return &kernel_table_default();
+    return Isa::DEFAULT;
   }();
-  return *table;
+  return chosen;
 }
 
-int64_t grain_for(int64_t work_per_item) {
-  return std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(work_per_item, 1));
-}
-
-int acc_index(DType acc) { return acc == DType::kDouble ? 1 : 0; }
+namespace {
 
 // Deterministic sum: a fixed pairwise tree over the index range, independent of the
 // number of threads, in the accumulation type.
@@ -114,12 +110,10 @@ at::Tensor Device<kCPU>::new_grad(const at::Tensor& x) {
 
 template <>
 void Device<kCPU>::softmax_rows(const RowArgs& a) {
-  const cpu::KernelTable& k = cpu::kernel_table();
-  const int64_t lanes = a.S > 1 ? k.lanes[int(a.dtype)] : 1;
+  const int64_t lanes = a.S > 1 ? cpu::kernels<RowArgs>()[a.dtype].lanes : 1;
   const int64_t items = a.S > 1 ? a.B * ((a.S + lanes - 1) / lanes) : a.N;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / (a.C * lanes));
-  const cpu::SoftmaxRowsFn fn = k.softmax_rows[int(a.dtype)];
-  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+  cpu::launch<RowArgs>(a.dtype, a, items, grain);
 }
 
 template <>
@@ -129,9 +123,8 @@ int64_t Device<kCPU>::sigmoid_focal_partials(int64_t n) {
 
 template <>
 void Device<kCPU>::sigmoid_focal(const SigmoidFocalArgs& a) {
-  const cpu::SigmoidFocalFn fn = cpu::kernel_table().sigmoid_focal[int(a.dtype)];
   const int64_t chunks = (a.n + cpu::kSigmoidFocalChunk - 1) / cpu::kSigmoidFocalChunk;
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+  cpu::launch<SigmoidFocalArgs>(a.dtype, a, chunks, 1);
 }
 
 template <>
@@ -139,32 +132,17 @@ int64_t Device<kCPU>::info_nce_workspace(int64_t, int64_t) { return 0; }
 
 template <>
 void Device<kCPU>::info_nce_rows_fwd(const InfoNceBlockArgs& a) {
-  const cpu::InfoNceFn fn = cpu::kernel_table().info_nce_rows_fwd[cpu::acc_index(a.acc)];
-  at::parallel_for(0, a.nb, cpu::grain_for(a.K), [&](int64_t b, int64_t e) { fn(a, b, e); });
+  cpu::launch<cpu::InfoNceRowsFwd>(a.acc, a, a.nb, cpu::grain_for(a.K));
 }
 
 template <>
 void Device<kCPU>::info_nce_cols_fwd(const InfoNceBlockArgs& a) {
-  const cpu::InfoNceFn fn = cpu::kernel_table().info_nce_cols_fwd[cpu::acc_index(a.acc)];
-  at::parallel_for(0, a.M, cpu::grain_for(a.nb), [&](int64_t b, int64_t e) { fn(a, b, e); });
+  cpu::launch<cpu::InfoNceColsFwd>(a.acc, a, a.M, cpu::grain_for(a.nb));
 }
 
 template <>
 void Device<kCPU>::info_nce_rows_bwd(const InfoNceBlockArgs& a) {
-  const cpu::InfoNceFn fn = cpu::kernel_table().info_nce_rows_bwd[cpu::acc_index(a.acc)];
-  at::parallel_for(0, a.nb, cpu::grain_for(a.K), [&](int64_t b, int64_t e) { fn(a, b, e); });
-}
-
-template <>
-void Device<kCPU>::jsd_rows(const JsdArgs& a) {
-  const cpu::JsdFn fn = cpu::kernel_table().jsd_rows[int(a.dtype)];
-  at::parallel_for(0, a.N, cpu::grain_for(2 * a.V), [&](int64_t b, int64_t e) { fn(a, b, e); });
-}
-
-template <>
-void Device<kCPU>::siglip_tile(const SiglipTileArgs& a) {
-  const cpu::SiglipTileFn fn = cpu::kernel_table().siglip_tile[cpu::acc_index(a.acc)];
-  at::parallel_for(0, a.R, cpu::grain_for(a.C), [&](int64_t b, int64_t e) { fn(a, b, e); });
+  cpu::launch<cpu::InfoNceRowsBwd>(a.acc, a, a.nb, cpu::grain_for(a.K));
 }
 
 }  // namespace fusedloss

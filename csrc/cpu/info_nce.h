@@ -3,12 +3,29 @@
 // loss, two sweeps over the row while it is in L1/L2. Columns: a thread owns a range of
 // columns and walks all rows of the block, keeping that range's running max / sum in a
 // small array, so the block is still read row-major.
+//
+// Grid: at::parallel_for over the block's rows (rows_fwd, rows_bwd) or over the M key
+// columns (cols_fwd), launched by Device<kCPU> (cpu/device.cpp); the launch arguments
+// (InfoNceBlockArgs) are shared with the CUDA kernels: common/kernel_args.h.
 #pragma once
 
+#include "cpu/kernel_registry.h"
+
+namespace fusedloss {
+namespace cpu {
+
+// The three kernels read one InfoNceBlockArgs, so each is registered under a key of its own.
+struct InfoNceRowsFwd { using Args = InfoNceBlockArgs; };
+struct InfoNceColsFwd { using Args = InfoNceBlockArgs; };
+struct InfoNceRowsBwd { using Args = InfoNceBlockArgs; };
+
+}  // namespace cpu
+}  // namespace fusedloss
+
+#ifdef CPU_CAPABILITY
 #include <algorithm>
 #include <limits>
 
-#include "common/kernel_args.h"
 #include "cpu/vec.h"
 
 namespace fusedloss {
@@ -151,3 +168,8 @@ void info_nce_rows_bwd(const InfoNceBlockArgs& a, int64_t i0, int64_t i1) {
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace fusedloss
+
+FUSEDLOSS_CPU_KERNEL(InfoNceRowsFwd, info_nce_rows_fwd, float, double)
+FUSEDLOSS_CPU_KERNEL(InfoNceColsFwd, info_nce_cols_fwd, float, double)
+FUSEDLOSS_CPU_KERNEL(InfoNceRowsBwd, info_nce_rows_bwd, float, double)
+#endif  // CPU_CAPABILITY

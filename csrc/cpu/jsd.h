@@ -1,5 +1,7 @@
 // The vectorised CPU JSD / KL rows (the algebra and its names are fusedloss/jsd.py's).
 //
+// Grid: at::parallel_for over the N rows (common/jsd_ops.h launches it); one call owns a
+// contiguous range of rows and two to four V-element scratch rows reused across them.
 // One row = one token: the student's and the teacher's V logits. Per row, while both
 // rows sit in L1/L2 after the first read:
 //   1. the two maxima (reads both rows from DRAM);
@@ -11,13 +13,41 @@
 //      rows for sweep 4;
 //   4. the gradients, written once (only those asked for).
 // Memory traffic per row: both rows read once from DRAM, each gradient written once.
+//
+// The host reads only the launch arguments; the kernel and its registration are compiled
+// by the per-ISA units (CPU_CAPABILITY, see cpu/kernel_registry.h).
 #pragma once
 
+#include <cstdint>
+
+#include "cpu/kernel_registry.h"
+
+namespace fusedloss {
+
+// (N, V) student and teacher logits, contiguous, one row per token. beta 0 is
+// KL(teacher || student); the host passes beta 1 (reverse KL) as beta 0 with the two
+// sides swapped; 0 < beta < 1 is the mixture.
+struct JsdArgs {
+  DType dtype;               // of both logits and both gradients
+  const void* student;
+  const void* teacher;
+  void* grad_student;        // like student, or nullptr
+  void* grad_teacher;        // like teacher, or nullptr
+  const int64_t* target;     // (N,) or nullptr: rows equal to ignore_index are left out
+  const void* row_weight;    // (N,) accumulation type, or nullptr: multiplies each row
+  const void* loss_scale;    // 0-dim accumulation type: multiplies the gradients
+  void* loss_rows;           // (N,) accumulation type, unscaled
+  int64_t N, V, ignore_index;
+  double beta, inv_temperature;
+};
+
+}  // namespace fusedloss
+
+#ifdef CPU_CAPABILITY
 #include <algorithm>
 #include <limits>
 
-#include "cpu/vec.h"  // first: the vector overloads of common/loss_math.h's primitives
-#include "cpu/kernel_table.h"
+#include "cpu/vec.h"
 
 namespace fusedloss {
 namespace cpu {
@@ -165,3 +195,6 @@ void jsd_rows(const JsdArgs& a, int64_t r0, int64_t r1) {
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace fusedloss
+
+FUSEDLOSS_CPU_KERNEL(JsdArgs, jsd_rows, float, double, c10::BFloat16, c10::Half)
+#endif  // CPU_CAPABILITY

@@ -1,13 +1,45 @@
 // The vectorised CPU SigLIP tile kernel (the algebra is in fusedloss/siglip.py, the
-// element math common/loss_math.h's softplus_sigmoid). Rows [r0, r1) of an (R, C) tile of
-// dot products: one sweep per row reads each dot once and, with the gradient, writes
-// scale * G over it. Every element is a negative pair except the row's positive, column
-// r + diagonal, which is computed on its own between the two vector runs around it.
+// element math common/loss_math.h's softplus_sigmoid).
+//
+// Grid: at::parallel_for over the R rows of an (R, C) tile of dot products (common/
+// siglip_ops.h launches it); one call owns a contiguous range of rows. One sweep per row
+// reads each dot once and, with the gradient, writes scale * G over it: C values read and
+// written per row, three sums per row out. Every element is a negative pair except the
+// row's positive, column r + diagonal, which is computed on its own between the two vector
+// runs around it.
+//
+// The host reads only the launch arguments; the kernel and its registration are compiled
+// by the per-ISA units (CPU_CAPABILITY, see cpu/kernel_registry.h).
 #pragma once
 
+#include <cstdint>
+
+#include "cpu/kernel_registry.h"
+
+namespace fusedloss {
+
+// One (R, C) row-major tile of image-text dot products in the accumulation type (from a
+// GEMM in fusedloss/siglip.py, whose docstring has the algebra); row r's positive is
+// column r + diagonal, where that column exists.
+struct SiglipTileArgs {
+  DType acc;                 // kFloat or kDouble
+  void* dots;                // (R, C); with compute_grad overwritten with scale * G
+  int64_t R, C, diagonal;
+  const void* scale;         // 0-dim: logit_scale
+  const void* bias;          // 0-dim: logit_bias
+  const void* loss_scale;    // 0-dim: multiplies G
+  const void* row_weight;    // (R,), or nullptr: multiplies G per row
+  bool compute_grad;
+  void* row_loss;            // (R,) sum over the row's columns of the loss, unscaled
+  void* scale_rows;          // (R,) sum G * dots, or nullptr
+  void* bias_rows;           // (R,) sum G, or nullptr
+};
+
+}  // namespace fusedloss
+
+#ifdef CPU_CAPABILITY
 #include <algorithm>
 
-#include "common/kernel_args.h"
 #include "cpu/vec.h"
 
 namespace fusedloss {
@@ -85,3 +117,6 @@ void siglip_tile(const SiglipTileArgs& a, int64_t r0, int64_t r1) {
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace fusedloss
+
+FUSEDLOSS_CPU_KERNEL(SiglipTileArgs, siglip_tile, float, double)
+#endif  // CPU_CAPABILITY

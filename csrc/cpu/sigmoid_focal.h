@@ -1,19 +1,35 @@
 // The vectorised CPU sigmoid focal loss (element-wise; the algebra is in
 // fusedloss/sigmoid_focal.py, the math common/loss_math.h's sigmoid_focal_terms).
+//
+// Grid: at::parallel_for over chunks of kSigmoidFocalChunk elements (Device<kCPU>::
+// sigmoid_focal, cpu/device.cpp); one call owns a contiguous range of chunks. One pass:
+// x and the target read once, the gradient (and for reduction none the loss) written
+// once; with a reduction one partial sum per chunk, so the total does not depend on the
+// thread count. The launch arguments (SigmoidFocalArgs) are common/kernel_args.h's.
 #pragma once
 
+#include <cstdint>
+
+#include "cpu/kernel_registry.h"
+
+namespace fusedloss {
+namespace cpu {
+
+constexpr int64_t kSigmoidFocalChunk = 4096;
+
+}  // namespace cpu
+}  // namespace fusedloss
+
+#ifdef CPU_CAPABILITY
 #include <algorithm>
 
 #include "cpu/vec.h"
-#include "cpu/kernel_table.h"
 
 namespace fusedloss {
 namespace cpu {
 namespace CPU_CAPABILITY {
 
-// Work: chunks [k0, k1) of kSigmoidFocalChunk elements. One pass: x and the target read
-// once, the gradient (and for reduction none the loss) written once; with a reduction
-// one partial sum per chunk, so the total does not depend on the thread count.
+// Chunks [k0, k1) of kSigmoidFocalChunk elements.
 template <class scalar_t, class tgt_t>
 void sigmoid_focal_chunks(const SigmoidFocalArgs& a, int64_t k0, int64_t k1) {
   using acc_t = acc_of<scalar_t>;
@@ -64,3 +80,7 @@ void sigmoid_focal(const SigmoidFocalArgs& a, int64_t k0, int64_t k1) {
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace fusedloss
+
+FUSEDLOSS_CPU_KERNEL(SigmoidFocalArgs, sigmoid_focal, float, double, c10::BFloat16,
+                     c10::Half)
+#endif  // CPU_CAPABILITY

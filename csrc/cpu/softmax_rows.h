@@ -20,8 +20,15 @@
 // item is a tile of `lanes` consecutive positions s, and x[b, c, s0:s0+lanes] is one
 // contiguous load per class. Those tiles recompute z and exp in sweep 3 instead of
 // keeping a C x lanes scratch (C is small in that layout: segmentation classes).
+//
+// Grid: at::parallel_for over the rows (S == 1) or the tiles (S > 1), launched by
+// Device<kCPU>::softmax_rows (cpu/device.cpp); one call owns a contiguous range of them.
+// The launch arguments (RowArgs) are shared with the CUDA kernels: common/kernel_args.h.
 #pragma once
 
+#include "cpu/kernel_registry.h"
+
+#ifdef CPU_CAPABILITY
 #include <algorithm>
 #include <limits>
 
@@ -329,3 +336,6 @@ void softmax_rows(const RowArgs& a, int64_t begin, int64_t end) {
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace fusedloss
+
+FUSEDLOSS_CPU_KERNEL(RowArgs, softmax_rows, float, double, c10::BFloat16, c10::Half)
+#endif  // CPU_CAPABILITY

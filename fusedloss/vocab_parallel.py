@@ -1,9 +1,6 @@
-"""The losses past one device, on torch.distributed: only the process group's own
-collectives (gloo for CPU tensors, NCCL for CUDA ones), no communication layer of our own.
-
-Vocab-parallel cross-entropy (cross_entropy and linear_cross_entropy with a
-process_group): every rank holds a contiguous slice of the classes, in rank order (the
-slices may differ in size). Per row only a few numbers cross ranks, never the logits:
+"""Vocab-parallel cross-entropy: the cross-rank code of the softmax cross-entropy family
+(cross_entropy and linear_cross_entropy with a process_group). Every rank holds a
+contiguous slice of the classes, in rank order (the slices may differ in size). Per row only a few numbers cross ranks, never the logits:
 each rank folds its slice into (m_r, s_r) and the sums below, and then
 
     m = max_r m_r,   s = sum_r s_r exp(m_r - m),   lse = m + log s
@@ -12,15 +9,12 @@ each rank folds its slice into (m_r, s_r) and the sums below, and then
 
 give every rank the same loss (the algebra of fusedloss/cross_entropy.py), and the
 gradient of its own slice, dz_c = exp(z_c - lse) p_coef - w_c w_coef - [c == t] t_coef.
-
-InfoNCE over every rank's batch: see info_nce_distributed.
 """
-import math
-
 import torch
 import torch.distributed as dist
 
 from . import _library
+from ._collectives import all_reduce, check_agree, check_group, exchange, first_order_only
 from ._library import acc_dtype
 
 # Rows of logits handled at once by the torch-op parts below (4 Mi values): bounds the
@@ -28,40 +22,6 @@ from ._library import acc_dtype
 CHUNK_ELEMENTS = 1 << 22
 
 
-def check_group(group, tensor, what):
-    """(world size, rank) of `group`, once it is sure to carry `tensor`'s device."""
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(f"fusedloss.{what}: process_group was given but torch.distributed "
-                           "is not initialized (torch.distributed.init_process_group)")
-    if tensor.device.type != "cuda" and dist.get_backend(group) == "nccl":
-        raise RuntimeError(f"fusedloss.{what}: the process group runs nccl, which carries CUDA "
-                           f"tensors only, and the input is on {tensor.device}; use a gloo "
-                           "group for CPU tensors")
-    return dist.get_world_size(group), dist.get_rank(group)
-
-
-def exchange(values, group, device):
-    """Every rank's few integers `values`, as a (world size, len(values)) int64 tensor."""
-    mine = torch.tensor(values, dtype=torch.int64, device=device)
-    out = mine.new_empty((dist.get_world_size(group), len(values)))
-    dist.all_gather_into_tensor(out.view(-1), mine, group=group)
-    return out
-
-
-def check_agree(meta, names, what):
-    """Raise alike on every rank where ranks disagree on a value that must match. Reading
-    the exchanged values costs nothing on the CPU; on a GPU it would synchronise the
-    host, so there the check is skipped (a mismatch then fails inside a collective)."""
-    if meta.device.type != "cpu":
-        return
-    for j, name in enumerate(names):
-        column = meta[:, j]
-        if bool((column != column[0]).any()):
-            raise ValueError(f"fusedloss.{what}: the ranks of process_group disagree on "
-                             f"{name}: {column.tolist()}; it must be the same on every rank")
-
-
-# ------------------------------------------------------------------------------ vocab slices
 class VocabSlice:
     """One call's view of this rank's slice of the classes: where it starts, how many
     classes there are in all, and the per-row statistics and gradients above."""
@@ -225,14 +185,6 @@ class VocabSlice:
         return out
 
 
-def _first_order_only():
-    """A backward run with create_graph=True asks for gradients these Functions cannot
-    differentiate."""
-    if torch.is_grad_enabled():
-        raise RuntimeError("fusedloss: higher-order gradients (create_graph=True) are not "
-                           "available with a process_group")
-
-
 def _chunk_rows(per_row):
     return max(1, CHUNK_ELEMENTS // max(per_row, 1))
 
@@ -280,7 +232,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        _first_order_only()
+        first_order_only()
         grad = ctx.grad
         if grad is None:
             raise RuntimeError(_library.CONSUMED)
@@ -339,9 +291,40 @@ def _linear_chunks(sl, x, w, b, target, row_weight, loss_scale, positions, chunk
     return rows, lse, ent, gx, gw, gb
 
 
-def _all_reduce(t, group):
-    dist.all_reduce(t, group=group)
-    return t
+# ------------------------------------------------------------------------------ linear
+def _linear_chunks(sl, x, w, b, target, row_weight, loss_scale, positions, chunk, grads,
+                   entropy):
+    """The vocab-parallel linear cross-entropy, chunk by chunk of rows (the same chunks
+    on every rank: the statistics of each are exchanged before its gradient). Returns the
+    loss rows, lse, entropy and, with `grads`, this rank's grad_input (its slice's share,
+    to be summed over ranks), grad_weight and grad_bias."""
+    n, d = x.shape
+    v = w.shape[0]
+    rows, lse = (x.new_empty((n, positions), dtype=sl.acc) for _ in range(2))
+    ent = x.new_empty((n, positions) if entropy else (0,), dtype=sl.acc)
+    gx = torch.zeros_like(x) if grads else None
+    gw = torch.zeros((v, d), dtype=acc_dtype(w.dtype), device=w.device) if grads else None
+    gb = torch.zeros(v, dtype=acc_dtype(w.dtype), device=w.device) \
+        if grads and b is not None else None
+    for i in range(0, max(n, 1), chunk):  # no rows: one empty chunk, still exchanged
+        xc, tc = x[i:i + chunk], target[i:i + chunk]
+        logits = torch.mm(xc, w.t()) if b is None else torch.addmm(b, xc, w.t())
+        logits = logits.view(xc.shape[0], -1, positions)
+        # z in its own buffer: the statistics use it up, the gradient is then written there.
+        z = sl.transform_into(logits, torch.empty_like(logits, dtype=sl.acc))
+        m, sums, shift = sl.local_stats(z, tc, entropy)
+        top, sums = sl.combine(m, sums, shift, entropy)
+        rw = row_weight[i:i + chunk] if row_weight is not None else None
+        rows[i:i + chunk], lse[i:i + chunk], e, coefs = sl.rows(tc, top, sums, rw, entropy)
+        if entropy:
+            ent[i:i + chunk] = e
+        if grads:
+            g = sl.grad_into(logits, z, tc, lse[i:i + chunk], coefs, loss_scale).view(-1, v)
+            gx[i:i + chunk] = torch.mm(g.to(x.dtype), w)
+            gw.addmm_(g.t().to(gw.dtype), xc.to(gw.dtype))
+            if gb is not None:
+                gb += g.sum(0, dtype=gb.dtype)
+    return rows, lse, ent, gx, gw, gb
 
 
 class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
@@ -367,7 +350,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        _first_order_only()
+        first_order_only()
         x, w, b, target, row_weight = ctx.saved_tensors
         if ctx.grads is not None:
             gx, gw, gb = (g * grad_loss.to(g.dtype) if g is not None else None
@@ -379,7 +362,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             ones = torch.ones((), dtype=ctx.sl.acc, device=x.device)
             gx, gw, gb = _linear_chunks(ctx.sl, x, w, b, target, rw, ones, ctx.positions,
                                         ctx.chunk, True, False)[3:]
-        gx = _all_reduce(gx, ctx.sl.group)  # every rank: the whole gradient of the input
+        gx = all_reduce(gx, ctx.sl.group)  # every rank: the whole gradient of the input
         return (gx, gw.to(w.dtype), gb.to(b.dtype) if gb is not None else None,
                 *(None,) * 8)
 
@@ -401,270 +384,3 @@ def linear_cross_entropy(x, w, b, target_k, weight, row_weight, loss_scale, o, n
     rw = row_weight.view(n, positions) if row_weight is not None else None
     return _VocabParallelLinearCrossEntropy.apply(x, w, b, sl, target_k, rw, loss_scale,
                                                   o.reduction, positions, chunk, entropy)
-
-
-# ------------------------------------------------------------------------------ InfoNCE
-class _AllGather(torch.autograd.Function):
-    """Every rank's rows, concatenated in rank order, with gradients: the backward sums
-    each rank's gradient of the gathered rows and hands every rank its own (a
-    reduce-scatter), so that gradients reach the rows' owners."""
-
-    @staticmethod
-    def forward(ctx, t, group):
-        ctx.group = group
-        out = t.new_empty((dist.get_world_size(group) * t.shape[0], *t.shape[1:]))
-        dist.all_gather_into_tensor(out, t.contiguous(), group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        _first_order_only()  # the reduce-scatter is not differentiable
-        out = grad.new_empty((grad.shape[0] // dist.get_world_size(ctx.group),
-                              *grad.shape[1:]))
-        dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
-        return out, None
-
-
-def _ring_step(tensors, group, rank, world):
-    """Send `tensors` to the next rank of the ring and receive the previous rank's."""
-    if world == 1:
-        return tensors
-    nxt = dist.get_global_rank(group, (rank + 1) % world)
-    prv = dist.get_global_rank(group, (rank - 1) % world)
-    incoming = [torch.empty_like(t) for t in tensors]
-    ops = [dist.P2POp(dist.isend, t.contiguous(), nxt, group) for t in tensors] + \
-        [dist.P2POp(dist.irecv, t, prv, group) for t in incoming]
-    for req in dist.batch_isend_irecv(ops):
-        req.wait()
-    return incoming
-
-
-def _pick(tile, j):
-    """tile[i, j_i] where 0 <= j_i < columns, else 0."""
-    if tile.shape[1] == 0:
-        return tile.new_zeros(tile.shape[0])
-    held = (j >= 0) & (j < tile.shape[1])
-    picked = tile.gather(1, j.clamp(0, tile.shape[1] - 1)[:, None]).squeeze(1)
-    return torch.where(held, picked, torch.zeros_like(picked))
-
-
-def _fold(m, s, logits):
-    """Fold a [rows, cols] tile into each row's running max m and sum s of exp(z - m)."""
-    m_new = torch.maximum(m, logits.amax(1)) if logits.shape[1] else m
-    shift = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-    s = s * torch.exp(m - shift) + torch.exp(logits - shift[:, None]).sum(1)
-    return m_new, s
-
-
-class _RingInfoNCE(torch.autograd.Function):
-    """InfoNCE with key (and negative, and for the symmetric loss query) blocks passed
-    around the ring: a rank holds at most its own blocks, the block it works on and the
-    one arriving, so memory stays O(local N x D) beyond one [N, M] tile of logits. The
-    backward passes the blocks around again with accumulators of their gradients, which
-    arrive back at their owners after a full turn (as Inf-CL does)."""
-
-    @staticmethod
-    def forward(ctx, q, k, neg, scale, labels, group, symmetric):
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        acc = acc_dtype(q.dtype)
-        n, m_keys, e = q.shape[0], k.shape[0], neg.shape[0]
-        sc = scale.to(acc)
-        qa, ka = q.to(acc), k.to(acc)
-        row_m = torch.full((n,), -math.inf, dtype=acc, device=q.device)
-        row_s, pos = torch.zeros_like(row_m), torch.zeros_like(row_m)
-        col_m = torch.full((m_keys if symmetric else 0,), -math.inf, dtype=acc,
-                           device=q.device)
-        col_s, diag = torch.zeros_like(col_m), torch.zeros_like(col_m)
-        blocks = [k, neg, q if symmetric else q[:0]]
-        for step in range(world):
-            src = (rank - step) % world
-            kb, eb, qb = (b.to(acc) for b in blocks)
-            for tile, first in ((sc * qa @ kb.T, src * m_keys),
-                                (sc * qa @ eb.T, world * m_keys + src * e)):
-                row_m, row_s = _fold(row_m, row_s, tile)
-                pos += _pick(tile, labels - first)
-            if symmetric:
-                tile = sc * ka @ qb.T  # local keys against that rank's queries
-                col_m, col_s = _fold(col_m, col_s, tile)
-                if src == rank:
-                    diag = tile.diagonal().clone()
-            if step < world - 1:
-                blocks = _ring_step(blocks, group, rank, world)
-        row_lse = row_m + torch.log(row_s)
-        valid = (labels >= 0) & (labels < world * (m_keys + e))
-        row_loss = torch.where(valid, row_lse - pos, torch.full_like(pos, math.nan))
-        col_lse = col_m + torch.log(col_s)
-        ctx.save_for_backward(q, k, neg, scale, labels, row_lse, col_lse)
-        ctx.group, ctx.symmetric = group, symmetric
-        return row_loss, col_lse - diag
-
-    @staticmethod
-    def backward(ctx, grad_row, grad_col):
-        _first_order_only()
-        q, k, neg, scale, labels, row_lse, col_lse = ctx.saved_tensors
-        group, symmetric = ctx.group, ctx.symmetric
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        acc = row_lse.dtype
-        m_keys, e = k.shape[0], neg.shape[0]
-        sc = scale.to(acc)
-        qa, ka = q.to(acc), k.to(acc)
-        g_row = grad_row.to(acc) if grad_row is not None else torch.zeros_like(row_lse)
-        g_col = grad_col.to(acc) if grad_col is not None and symmetric \
-            else torch.zeros_like(col_lse)
-        dq, dk = torch.zeros_like(qa), torch.zeros_like(ka)
-        d_scale = torch.zeros((), dtype=acc, device=q.device)
-        blocks = [ka, neg.to(acc), qa if symmetric else qa[:0]]
-        # Rows whose label is outside every rank's keys have a NaN loss, and gradient.
-        bad = ~((labels >= 0) & (labels < world * (m_keys + e)))
-        # Gradients of the held blocks' rows, from this rank's losses: they travel with
-        # the blocks and are home after a full turn.
-        held = [torch.zeros_like(b) for b in blocks]
-        for step in range(world):
-            src = (rank - step) % world
-            kb, eb, qb = blocks
-            for b_i, (tile_rows, first) in enumerate(((kb, src * m_keys),
-                                                      (eb, world * m_keys + src * e))):
-                raw = qa @ tile_rows.T
-                dl = g_row[:, None] * torch.exp(sc * raw - row_lse[:, None])
-                j = labels - first
-                hit = (j >= 0) & (j < tile_rows.shape[0])
-                if tile_rows.shape[0]:
-                    dl.scatter_add_(1, j.clamp(0, tile_rows.shape[0] - 1)[:, None],
-                                    -torch.where(hit, g_row, torch.zeros_like(g_row))[:, None])
-                dl = torch.where(bad[:, None], math.nan, dl)
-                dq += sc * dl @ tile_rows
-                held[b_i] += sc * dl.T @ qa
-                d_scale += (dl * raw).sum()
-            if symmetric:
-                raw = ka @ qb.T  # local keys (columns' owners) against that rank's queries
-                dl = g_col[:, None] * torch.exp(sc * raw - col_lse[:, None])
-                if src == rank:
-                    dl.diagonal().sub_(g_col)
-                dk += sc * dl @ qb
-                held[2] += sc * dl.T @ ka
-                d_scale += (dl * raw).sum()
-            # The blocks and their accumulators move on; after the last step only the
-            # accumulators, which then arrive home.
-            if step < world - 1:
-                moved = _ring_step(blocks + held, group, rank, world)
-                blocks, held = moved[:3], moved[3:]
-            else:
-                held = _ring_step(held, group, rank, world)
-        if symmetric:
-            dq += held[2]
-        dk += held[0]
-        return (dq.to(q.dtype), dk.to(k.dtype), held[1].to(neg.dtype),
-                d_scale.to(scale.dtype).reshape(scale.shape), None, None, None)
-
-
-def info_nce(query, key, negatives, labels, scale, symmetric, mode, group, fn):
-    """InfoNCE of this rank's queries against every rank's keys (and negatives): the
-    per-row losses (row, and col when symmetric) of this rank. mode: "all_gather" or
-    "ring"; fn: the single-device fusedloss.info_nce (all_gather runs its kernels)."""
-    world, rank = check_group(group, query, "info_nce")
-    n, m_keys = query.shape[0], key.shape[0]
-    e = negatives.shape[0] if negatives is not None else 0
-    meta = exchange([n, m_keys, e, query.shape[1]], group, query.device)
-    check_agree(meta, ["the number of queries", "the number of keys",
-                       "the number of negatives", "the embedding dimension D"], "info_nce")
-    if labels is None:
-        labels = torch.arange(n, device=query.device) + rank * m_keys
-    elif labels.device.type == "cpu":
-        bad = (labels < 0) | (labels >= world * (m_keys + e))
-        if bool(bad.any()):
-            raise IndexError(f"labels contains {int(labels[bad][0])}, outside [0, "
-                             f"{world * (m_keys + e)}) (every rank's keys, then every rank's "
-                             "negatives)")
-    if mode == "ring":
-        neg = negatives if negatives is not None else query.new_empty((0, query.shape[1]))
-        return _RingInfoNCE.apply(query, key, neg, scale, labels, group, symmetric)
-    keys = _AllGather.apply(key, group)
-    negs = _AllGather.apply(negatives, group) if negatives is not None else None
-    rows = fn(query, keys, logit_scale=scale, labels=labels, negatives=negs, reduction="none")
-    if not symmetric:
-        return rows, rows.new_empty((0,))
-    queries = _AllGather.apply(query, group)
-    cols = fn(key, queries, logit_scale=scale,
-              labels=torch.arange(m_keys, device=query.device) + rank * n, reduction="none")
-    return rows, cols
-
-
-# ------------------------------------------------------------------------------ SigLIP
-class _RingSigLip(torch.autograd.Function):
-    """SigLIP with the text blocks passed around the ring. The forward adds up this
-    rank's image rows against each visiting block; the backward passes the blocks around
-    again, each with the accumulator of its gradient from the images it met, which is
-    home after a full turn (the incoming gradient of each rank's loss is only known then,
-    so the tiles are computed again). A rank holds its own features, the block it works on
-    and the one arriving: memory O(N x D) whatever the number of ranks. Each step runs the
-    backend's tiles (fusedloss.siglip.pair_terms)."""
-
-    @staticmethod
-    def forward(ctx, image, text, scale, bias, group, reduction, backend):
-        from .siglip import pair_terms
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        n = image.shape[0]
-        rows, block = None, text
-        for step in range(world):
-            # Only this rank's own block holds its images' positives (diagonal 0); for the
-            # others, diagonal n puts every positive past the last column.
-            diagonal = 0 if (rank - step) % world == rank else n
-            r = pair_terms(backend, image, block, scale, bias, diagonal)[0]
-            rows = r if rows is None else rows + r
-            if step < world - 1:
-                (block,) = _ring_step([block], group, rank, world)
-        ctx.save_for_backward(image, text, scale, bias)
-        ctx.group, ctx.reduction, ctx.backend = group, reduction, backend
-        return rows if reduction == 0 else rows.sum() / (n if reduction == 1 else 1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        from .siglip import pair_terms
-        _first_order_only()
-        image, text, scale, bias = ctx.saved_tensors
-        group = ctx.group
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        n, acc = image.shape[0], acc_dtype(image.dtype)
-        row_weight = grad.to(acc)
-        if ctx.reduction != 0:
-            row_weight = (row_weight / n if ctx.reduction == 1 else row_weight).expand(n)
-        want = ctx.needs_input_grad[:4]
-        total = [None] * 4  # image, text (the visiting block's), logit_scale, logit_bias
-        block = text
-        for step in range(world):
-            diagonal = 0 if (rank - step) % world == rank else n
-            got = pair_terms(ctx.backend, image, block, scale, bias, diagonal,
-                             row_weight.contiguous(), want)[1:]
-            for i, g in enumerate(got):
-                if g is not None:
-                    total[i] = g.to(acc) if total[i] is None else total[i] + g.to(acc)
-            # The block moves on with the gradient it has gathered; after the last step
-            # only the gradient, which then arrives home.
-            moving = ([block] if step < world - 1 else []) + ([total[1]] if want[1] else [])
-            if moving:
-                moved = _ring_step(moving, group, rank, world)
-                if step < world - 1:
-                    block = moved.pop(0)
-                if want[1]:
-                    total[1] = moved[0]
-        return (*(t.to(x.dtype).reshape(x.shape) if t is not None else None
-                  for t, x in zip(total, (image, text, scale, bias))), None, None, None)
-
-
-def siglip(image, text, scale, bias, reduction, mode, group, backend):
-    """SigLIP of this rank's images against every rank's texts: this rank's loss (see
-    fusedloss.siglip_loss). mode: "all_gather" (the texts gathered with their gradients,
-    then this backend's single-device loss) or "ring"."""
-    from . import _backends, _checks
-    from . import siglip as single
-    _, rank = check_group(group, image, "siglip_loss")
-    n = image.shape[0]
-    meta = exchange([n, image.shape[1]], group, image.device)
-    check_agree(meta, ["the number of pairs N", "the feature dimension D"], "siglip_loss")
-    if mode == "ring":
-        name = _backends.resolve(single.SIGLIP, backend, image.device)
-        return _RingSigLip.apply(image, text, scale, bias, group,
-                                 _checks.reduction_code(reduction), name) \
-            .to(_library.loss_dtype(image))
-    texts = _AllGather.apply(text, group)
-    return single.local_loss(image, texts, scale, bias, reduction, rank * n, backend)
