@@ -4,7 +4,8 @@ A case is one loss at one size, dtype and option set. `shape` is (N, C): N rows 
 classes (the vocabulary V for cross-entropy) for the softmax losses, N anchors by C
 classes for sigmoid focal, N (query, key) pairs of dimension D = C for InfoNCE, N (image,
 text) pairs of dimension D = C for SigLIP, and N tokens against a vocabulary of C for
-linear_cross_entropy, whose hidden size is `d`. The suites are the table SUITES below.
+linear_cross_entropy and linear_log_probs, whose hidden size is `d`. The suites are the
+table SUITES below.
 """
 import dataclasses
 import itertools
@@ -14,10 +15,11 @@ import torch
 from . import llama
 
 LOSSES = ("cross_entropy", "focal", "sigmoid_focal", "info_nce", "linear_cross_entropy", "jsd",
-          "linear_jsd", "siglip", "llama_step")
+          "linear_jsd", "siglip", "linear_log_probs", "llama_step")
 ALIASES = {"ce": "cross_entropy", "softmax_focal": "focal", "infonce": "info_nce",
            "lce": "linear_cross_entropy", "flce": "linear_cross_entropy", "kl": "jsd",
-           "distill": "jsd", "fljsd": "linear_jsd"}
+           "distill": "jsd", "fljsd": "linear_jsd", "log_probs": "linear_log_probs",
+           "logprobs": "linear_log_probs"}
 IGNORE_INDEX = -100
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
@@ -26,6 +28,7 @@ AXES = {"cross_entropy": ("N rows", "V classes"), "focal": ("N rows", "C classes
         "sigmoid_focal": ("N anchors", "C classes"), "info_nce": ("N pairs", "D dim"),
         "linear_cross_entropy": ("N tokens", "V classes"), "jsd": ("N rows", "V classes"),
         "linear_jsd": ("N tokens", "V classes"), "siglip": ("N pairs", "D dim"),
+        "linear_log_probs": ("N tokens", "V classes"),
         "llama_step": ("N tokens", "V vocabulary")}
 
 
@@ -79,6 +82,8 @@ class Case:
             return {"beta": self.beta, "temperature": 1.0, "ignore_index": IGNORE_INDEX}
         if self.loss == "siglip":
             return {}  # reduction "mean", open_clip's
+        if self.loss == "linear_log_probs":
+            return {"temperature": 1.0}
         return {"temperature": 0.07, "symmetric": self.symmetric}
 
     def make_inputs(self, device, rank=0):
@@ -94,7 +99,7 @@ class Case:
             return x, self._class_targets(device, gen)
         if self.world > 1:  # info_nce: every rank its own rows
             gen.manual_seed(rank)
-        if self.loss in ("linear_cross_entropy", "linear_jsd"):
+        if self.loss in ("linear_cross_entropy", "linear_jsd", "linear_log_probs"):
             x = torch.randn(n, self.d, device=device, generator=gen).to(dtype)
             w = (torch.randn(c, self.d, device=device, generator=gen) / self.d ** 0.5).to(dtype)
             if self.loss == "linear_jsd":  # a frozen teacher of the same sizes
@@ -135,8 +140,8 @@ class Case:
         """Bytes fwd+bwd must move at the least: every input read once, every gradient
         written once (for the softmax losses: the logits, their gradient, the targets)."""
         s = self.torch_dtype.itemsize
-        if self.loss == "linear_cross_entropy":  # read x, W; write their gradients
-            return 2 * (self.n + self.c) * self.d * s + 8 * self.n
+        if self.loss in ("linear_cross_entropy", "linear_log_probs"):
+            return 2 * (self.n + self.c) * self.d * s + 8 * self.n  # x, W; their gradients
         if self.loss == "linear_jsd":  # the student's as above, and read the teacher's
             return 3 * (self.n + self.c) * self.d * s + 8 * self.n
         if self.loss == "jsd":  # read both logits, write the student's gradient
@@ -154,6 +159,8 @@ class Case:
             return 6 * self.n * self.d * self.c
         if self.loss == "linear_jsd":  # both heads' logits, then dx and dW of the student
             return 8 * self.n * self.d * self.c
+        if self.loss == "linear_log_probs":  # the logits twice (the backward recomputes
+            return 8 * self.n * self.d * self.c  # them: upstream unknown), dx, dW
         return 6 * self.n * self.n * self.c * self.world \
             if self.loss in ("info_nce", "siglip") else 0
 
@@ -227,6 +234,7 @@ SUITES = {
         Case("linear_cross_entropy", 256, 32000, d=256, providers=FIRST_PROVIDERS),
         Case("jsd", 256, 32000, beta=0.0, providers=FIRST_PROVIDERS),
         Case("siglip", 1024, 512, providers=FIRST_PROVIDERS),
+        Case("linear_log_probs", 256, 32000, d=256, providers=FIRST_PROVIDERS),
         Case("cross_entropy", 256, 32000, world=2),
     ],
     ("cpu", "full"): [  # about 20 minutes on 2 cores, torch.compile warm-up included
@@ -248,6 +256,9 @@ SUITES = {
         Case("jsd", 4096, 32000, beta=0.0, ignore_frac=1 / 7),
         Case("linear_jsd", 4096, 32000, d=512),
         Case("siglip", 8192, 512),  # the tiled SigLIP's target case
+        # RL post-training: token log-probs and entropy over the LM head, both upstream
+        # gradients (the log-probs issue's target case, float32 and bfloat16).
+        *_grid("linear_log_probs", [4096], [32000], ["float32", "bfloat16"], d=512),
         *DISTRIBUTED,
         LlamaStep("llama_step", 8 * 512, 32000, d=256),  # end to end: one training step
     ],
@@ -281,6 +292,7 @@ SUITES = {
              providers=FIRST_PROVIDERS),
         Case("jsd", 4096, 128256, "bfloat16", providers=FIRST_PROVIDERS),
         Case("siglip", 16384, 512, "bfloat16", providers=FIRST_PROVIDERS),
+        Case("linear_log_probs", 8192, 151936, "bfloat16", d=4096, providers=FIRST_PROVIDERS),
         LlamaStep("llama_step", 8 * 512, 32000, "bfloat16", d=256),
     ],
     ("cuda", "full"): [
@@ -294,6 +306,7 @@ SUITES = {
         Case("jsd", 4096, 128256, "bfloat16"),
         Case("linear_jsd", 8192, 128256, "bfloat16", d=4096),
         *_grid("siglip", [16384, 65536], [512], ["bfloat16"]),
+        Case("linear_log_probs", 16384, 151936, "bfloat16", d=4096),  # the RL target case
         LlamaStep("llama_step", 8 * 512, 32000, "bfloat16", d=256),
     ],
     ("cuda", "large"): [
@@ -354,6 +367,7 @@ OPTIONS_OF = {"cross_entropy": ("label_smoothing", "ignore_frac"), "focal": ("ig
               "sigmoid_focal": (), "info_nce": ("symmetric",),
               "linear_cross_entropy": ("label_smoothing", "ignore_frac", "d"),
               "jsd": ("ignore_frac",), "linear_jsd": ("ignore_frac", "d"), "siglip": (),
+              "linear_log_probs": ("d",),
               "llama_step": ()}  # --shapes builds a plain Case: the hf providers refuse it
 
 

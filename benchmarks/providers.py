@@ -24,7 +24,8 @@ from .cases import IGNORE_INDEX, LlamaStep
 FUSEDLOSS_FUNCTIONS = {"cross_entropy": "cross_entropy", "focal": "focal_loss",
                        "sigmoid_focal": "sigmoid_focal_loss", "info_nce": "info_nce",
                        "linear_cross_entropy": "linear_cross_entropy", "jsd": "jsd",
-                       "linear_jsd": "linear_jsd", "siglip": "siglip_loss"}
+                       "linear_jsd": "linear_jsd", "siglip": "siglip_loss",
+                       "linear_log_probs": "linear_log_probs"}
 
 
 # ---------------------------------------------------------------- eager PyTorch baselines
@@ -91,13 +92,88 @@ def linear_jsd_torch(xs, ws, xt, wt, target, **kwargs):
     return jsd_torch(F.linear(xs, ws), F.linear(xt, wt), target, **kwargs)
 
 
+# ---------------------------------------------------------------- RL: token log-probs
+# The linear_log_probs case times what an RL trainer's backward sees: per-token log-probs
+# and entropy, both with an upstream gradient (fixed random ones, the same for every
+# provider), reduced here to the scalar the runner differentiates.
+def rl_objective(log_probs, entropy):
+    gen = torch.Generator(device=log_probs.device).manual_seed(1)
+    g = torch.randn(log_probs.shape, device=log_probs.device, generator=gen)
+    h = torch.randn(log_probs.shape, device=log_probs.device, generator=gen)
+    return (log_probs.float() * g).sum() + (entropy.float() * h).sum()
+
+
+def log_probs_torch(x, w, target, temperature):
+    """Eager PyTorch: the whole logits, float32 log-softmax, gather, and the entropy."""
+    logp = F.log_softmax(F.linear(x, w).float() / temperature, -1)
+    picked = logp.gather(-1, target[:, None]).squeeze(-1)
+    return rl_objective(picked, -(logp.exp() * logp).sum(-1))
+
+
+def _fusedloss_log_probs(fn, x, w, target, **kwargs):
+    out = fn(x, w, target, return_entropy=True, **kwargs)
+    return rl_objective(out.log_probs, out.entropy)
+
+
+def _trl(case):
+    from trl.kernels import ChunkedLogProbFunction
+    t = case.loss_kwargs()["temperature"]
+
+    def fn(x, w, target):  # TRL's call in add_fused_lm_head (its vocabulary tile: 32768)
+        out = ChunkedLogProbFunction.apply(x, w, None, target, t, 32768, None, 1.0,
+                                           ("entropy",))
+        return rl_objective(out[0], out[1])
+    return fn
+
+
+def _trl_unavailable(device_type, case):
+    if case.loss != "linear_log_probs":
+        return "TRL's ChunkedLogProbFunction is the log-probs case only"
+    if importlib.util.find_spec("trl") is None:
+        return "TRL is not installed (pip install trl)"
+    return None
+
+
+def verl_module(relative):
+    """A module of the installed verl, loaded from its file without importing verl itself
+    (its __init__ needs ray); None where verl is not installed."""
+    spec = importlib.util.find_spec("verl")
+    if spec is None:
+        return None
+    import pathlib
+    path = pathlib.Path(spec.submodule_search_locations[0], *relative.split(".")) \
+        .with_suffix(".py")
+    module_spec = importlib.util.spec_from_file_location(f"_verl_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def _verl_torch(case):
+    function = verl_module("utils.experimental.torch_functional").FusedLinearForPPOFunction
+    t = case.loss_kwargs()["temperature"]
+
+    def fn(x, w, target):  # verl's pure-torch path, its default chunk of 512 rows
+        return rl_objective(*function.apply(x, w, target, t, 512))
+    return fn
+
+
+def _verl_unavailable(device_type, case):
+    if case.loss != "linear_log_probs":
+        return "verl's fused log-probs are the log-probs case only"
+    if importlib.util.find_spec("verl") is None:
+        return "verl is not installed (pip install verl)"
+    return None
+
+
 def _eager(case):
     kwargs = case.loss_kwargs()
     if case.loss == "cross_entropy":
         return torch.nn.CrossEntropyLoss(**kwargs)
     fn = {"focal": focal_torch, "sigmoid_focal": sigmoid_focal_torch,
           "info_nce": info_nce_torch, "linear_cross_entropy": linear_cross_entropy_torch,
-          "jsd": jsd_torch, "linear_jsd": linear_jsd_torch, "siglip": siglip_torch}
+          "jsd": jsd_torch, "linear_jsd": linear_jsd_torch, "siglip": siglip_torch,
+          "linear_log_probs": log_probs_torch}
     return functools.partial(fn[case.loss], **kwargs)
 
 
@@ -109,6 +185,9 @@ def _compiled(case):
 def _fusedloss(backend, case):
     import fusedloss
     fn = getattr(fusedloss, FUSEDLOSS_FUNCTIONS[case.loss])
+    if case.loss == "linear_log_probs":
+        return functools.partial(_fusedloss_log_probs, fn, **case.loss_kwargs(),
+                                 backend=backend)
     return functools.partial(fn, **case.loss_kwargs(), backend=backend)
 
 
@@ -296,6 +375,10 @@ PROVIDERS = [
     Provider("torch-lce-chunked", functools.partial(_torch_lce, True),
              functools.partial(_torch_lce_unavailable, True)),
     Provider("liger", _liger, _liger_unavailable),
+    # RL post-training's chunked log-probs: TRL's (Triton on a GPU, torch ops elsewhere)
+    # and verl's pure-torch function.
+    Provider("trl", _trl, _trl_unavailable),
+    Provider("verl-torch", _verl_torch, _verl_unavailable),
     Provider("cut-cross-entropy", _cce, _cce_unavailable),
     # Over `world` gloo ranks: fusedloss's process_group path, and gathering everything.
     Provider("fusedloss-dist", _dist_fusedloss, _dist_unavailable, distributed=True),

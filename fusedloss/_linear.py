@@ -16,11 +16,12 @@ from ._library import acc_dtype
 CHUNK_BYTES = {"cpu": 15 << 20, "cuda": 1 << 30}
 
 
-def default_chunk_size(n_rows, n_features, n_logits, dtype, device_type):
-    """Rows per chunk: as many as fit CHUNK_BYTES of logits (at least 16, a multiple of 8
-    when smaller than N, so that the matmuls stay efficient)."""
+def default_chunk_size(n_rows, n_features, n_logits, dtype, device_type,
+                       budget=CHUNK_BYTES):
+    """Rows per chunk: as many as fit `budget` bytes of logits (per device type; at least
+    16, a multiple of 8 when smaller than N, so that the matmuls stay efficient)."""
     per_row = n_logits * max(dtype.itemsize, 4 if device_type == "cpu" else 0)
-    rows = CHUNK_BYTES.get(device_type, CHUNK_BYTES["cuda"]) // max(per_row, 1)
+    rows = budget.get(device_type, budget["cuda"]) // max(per_row, 1)
     rows = max(16, rows // 8 * 8)
     # Under torch.compile the bound alone (the chunk loops clamp it): min(N, rows) would
     # make a dynamic N a constant of the graph.

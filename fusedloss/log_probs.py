@@ -35,16 +35,24 @@ gradients are unknown at forward time, so nothing of the size of the logits is k
 linear_log_probs therefore runs four matrix products in all (the floor): the chunk's
 logits in the forward, again in the backward, and the two gradient products.
 """
+import functools
 import typing
 
 import torch
 
-from . import _backends, _checks, _library, reference
+from . import _backends, _checks, _library, reference, vocab_parallel
 from ._library import Op, acc_dtype
 from ._module import LossModule
 from ._linear import HeadGradients, default_chunk_size, row_chunks
 
 EXTRAS = ("lse", "log_sum_sq_probs", "mean_logits", "is_top1")
+# Bytes of one chunk of logits for linear_log_probs. Its four products per step dominate,
+# and on a CPU a product of a few hundred rows runs well below a large one's speed (2
+# cores, N=4096 D=512 V=32000 float32: 34 products of 120 rows 1.40 s, one of 4096 rows
+# 0.84 s; fwd+bwd 4.38 s at 120-row chunks (15 MiB), 3.22 s at 512 (64 MiB), 3.09 s at
+# 1024): 64 MiB, still O(chunk x V) and far below the whole logits. On a GPU the chunk
+# only has to keep the products large.
+CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}
 _BACKENDS = ("triton", "cpu")
 
 
@@ -378,10 +386,17 @@ def linear_log_probs(input, linear_weight, target, *, linear_bias=None, temperat
     float32. The backward recomputes each chunk's logits (upstream gradients are unknown
     at forward time): four matrix products in all; grad_weight accumulates in float32
     for half weights. chunk_size: rows per chunk (default from N, D, V and the dtype).
+
+    process_group: vocab-parallel over a torch.distributed group (a tensor-parallel LM
+    head), as linear_cross_entropy's: linear_weight and linear_bias hold this rank's
+    contiguous slice of the vocabulary, in rank order (slices may differ in size, or be
+    empty); input and target (global class indices) are the same on every rank, and every
+    rank gets the same outputs. Per row only a few numbers cross ranks (two all-reduces,
+    three with is_top1), never the logits; the backward all-reduces grad_input. It runs
+    torch ops (backend "auto" or "reference"); without chunk_size the ranks agree on one
+    through a small exchange read on the host (on CUDA pass chunk_size to spare that
+    synchronisation). Higher-order gradients are not available there.
     """
-    if process_group is not None:
-        raise NotImplementedError("linear_log_probs: process_group (vocab-parallel) is not "
-                                  "implemented yet")
     input, linear_weight, linear_bias = _library.autocast_operands(input, linear_weight,
                                                                    linear_bias)
     _checks.floating("input", input)
@@ -403,15 +418,21 @@ def linear_log_probs(input, linear_weight, target, *, linear_bias=None, temperat
     if chunk_size is not None and (isinstance(chunk_size, bool) or
                                    not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    o = check_options(target, input.shape[:-1], linear_weight.shape[0], input.device,
-                      temperature, logit_scale, softcap, ignore_index, return_entropy,
-                      extras)
-    name = _backends.resolve(LINEAR_LOG_PROBS, backend, input.device)
+    # With a process_group the target holds global class indices, checked against every
+    # rank's classes once they are known.
+    o = check_options(target, input.shape[:-1],
+                      linear_weight.shape[0] if process_group is None else None,
+                      input.device, temperature, logit_scale, softcap, ignore_index,
+                      return_entropy, extras)
     x = input.reshape(-1, input.shape[-1])
-    chunk_size = chunk_size or default_chunk_size(x.shape[0], x.shape[1],
-                                                  linear_weight.shape[0], input.dtype,
-                                                  input.device.type)
+    default_chunk = default_chunk_size(x.shape[0], x.shape[1], linear_weight.shape[0],
+                                       input.dtype, input.device.type, CHUNK_BYTES)
     args = _op_args(o, target, acc_dtype(input.dtype), input.device)
+    if process_group is not None:
+        return _vocab_parallel(x, linear_weight, linear_bias, args, o, chunk_size,
+                               default_chunk, backend, process_group)
+    name = _backends.resolve(LINEAR_LOG_PROBS, backend, input.device)
+    chunk_size = chunk_size or default_chunk
     if name == "reference":
         return _result(reference.linear_log_probs(
             x, linear_weight, linear_bias, args["target"], _inv_temperature(args),
@@ -420,6 +441,31 @@ def linear_log_probs(input, linear_weight, target, *, linear_bias=None, temperat
         name, input=x.contiguous(), linear_weight=linear_weight.contiguous(),
         linear_bias=linear_bias.contiguous() if linear_bias is not None else None,
         chunk_size=chunk_size, **args), o)
+
+
+def _vocab_parallel(x, w, b, args, o, chunk_size, default_chunk, backend, group):
+    """linear_log_probs over a vocab-parallel head (fusedloss/vocab_parallel.py): torch ops
+    on this rank's slice, a few numbers per row across ranks."""
+    if backend not in ("auto", "reference"):
+        raise ValueError(f"fusedloss.linear_log_probs: with a process_group the outputs are "
+                         f"computed with torch ops and the group's collectives "
+                         f"(fusedloss/vocab_parallel.py), so backend must be 'auto' or "
+                         f"'reference', got {backend!r}")
+    target = args["target"]
+    counted = target != o.ignore_index
+    inv_t = args["row_inv_temperature"]
+    if inv_t is None:
+        inv_t = torch.full(target.shape, args["inv_temperature"], device=x.device,
+                           dtype=acc_dtype(x.dtype))
+    transform = functools.partial(reference.transform_logits, logit_scale=o.logit_scale,
+                                  softcap=o.softcap)
+    outs = vocab_parallel.linear_log_probs(
+        x, w, b, torch.where(counted, target, 0), inv_t, transform,
+        {"is_top1": "is_top1" in o.extras}, chunk_size, default_chunk, group)
+    # Ignored rows: 0 everywhere, and (through the where) no gradient.
+    outs = [torch.where(counted, v, torch.zeros_like(v)) for v in outs[:5]] + \
+        [outs[5] & counted]
+    return _result(outs, o)
 
 
 # ------------------------------------------------------------------------------ modules

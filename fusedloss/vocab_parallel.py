@@ -291,42 +291,6 @@ def _linear_chunks(sl, x, w, b, target, row_weight, loss_scale, positions, chunk
     return rows, lse, ent, gx, gw, gb
 
 
-# ------------------------------------------------------------------------------ linear
-def _linear_chunks(sl, x, w, b, target, row_weight, loss_scale, positions, chunk, grads,
-                   entropy):
-    """The vocab-parallel linear cross-entropy, chunk by chunk of rows (the same chunks
-    on every rank: the statistics of each are exchanged before its gradient). Returns the
-    loss rows, lse, entropy and, with `grads`, this rank's grad_input (its slice's share,
-    to be summed over ranks), grad_weight and grad_bias."""
-    n, d = x.shape
-    v = w.shape[0]
-    rows, lse = (x.new_empty((n, positions), dtype=sl.acc) for _ in range(2))
-    ent = x.new_empty((n, positions) if entropy else (0,), dtype=sl.acc)
-    gx = torch.zeros_like(x) if grads else None
-    gw = torch.zeros((v, d), dtype=acc_dtype(w.dtype), device=w.device) if grads else None
-    gb = torch.zeros(v, dtype=acc_dtype(w.dtype), device=w.device) \
-        if grads and b is not None else None
-    for i in range(0, max(n, 1), chunk):  # no rows: one empty chunk, still exchanged
-        xc, tc = x[i:i + chunk], target[i:i + chunk]
-        logits = torch.mm(xc, w.t()) if b is None else torch.addmm(b, xc, w.t())
-        logits = logits.view(xc.shape[0], -1, positions)
-        # z in its own buffer: the statistics use it up, the gradient is then written there.
-        z = sl.transform_into(logits, torch.empty_like(logits, dtype=sl.acc))
-        m, sums, shift = sl.local_stats(z, tc, entropy)
-        top, sums = sl.combine(m, sums, shift, entropy)
-        rw = row_weight[i:i + chunk] if row_weight is not None else None
-        rows[i:i + chunk], lse[i:i + chunk], e, coefs = sl.rows(tc, top, sums, rw, entropy)
-        if entropy:
-            ent[i:i + chunk] = e
-        if grads:
-            g = sl.grad_into(logits, z, tc, lse[i:i + chunk], coefs, loss_scale).view(-1, v)
-            gx[i:i + chunk] = torch.mm(g.to(x.dtype), w)
-            gw.addmm_(g.t().to(gw.dtype), xc.to(gw.dtype))
-            if gb is not None:
-                gb += g.sum(0, dtype=gb.dtype)
-    return rows, lse, ent, gx, gw, gb
-
-
 class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
     """linear_cross_entropy with linear_weight (and linear_bias) holding this rank's slice
     of the classes and input replicated. Reduced losses get their gradients in the
@@ -384,3 +348,135 @@ def linear_cross_entropy(x, w, b, target_k, weight, row_weight, loss_scale, o, n
     rw = row_weight.view(n, positions) if row_weight is not None else None
     return _VocabParallelLinearCrossEntropy.apply(x, w, b, sl, target_k, rw, loss_scale,
                                                   o.reduction, positions, chunk, entropy)
+
+
+# ------------------------------------------------------------------------------ log-probs
+# linear_log_probs with a process_group: linear_weight (and linear_bias) hold this rank's
+# slice of the vocabulary, input and target are replicated. Per chunk of rows each rank
+# folds its slice of z (fusedloss/log_probs.py's algebra) into a max, then the sums s, d,
+# q, sum z and the target's z; one MAX and one SUM all-reduce of those few numbers per row
+# give every rank the same outputs. The backward recomputes the chunk's slice of z, writes
+# its gradient, and all-reduces grad_input (the column-parallel head's).
+class LogProbsSlice:
+    """This rank's slice of the vocabulary: where it starts and how many classes there are
+    in all (device tensors: no host read), and the transform of its logits."""
+
+    def __init__(self, group, x, n_local, transform, n_rows, chunk_size, default_chunk):
+        self.group, self.transform = group, transform
+        world, rank = check_group(group, x, "linear_log_probs")
+        meta = exchange([n_local, n_rows, chunk_size or default_chunk], group, x.device)
+        check_agree(meta[:, 1:2], ["the number of rows"], "linear_log_probs")
+        sizes = meta[:, 0]
+        self.offset, self.n_classes, self.n_local = sizes[:rank].sum(), sizes.sum(), n_local
+        # The same chunks on every rank: the smallest proposal (a host read of the
+        # exchanged sizes; on a GPU pass chunk_size to spare that synchronisation).
+        self.chunk = chunk_size or int(meta[:, 2].min())
+
+    def z(self, x, w, b, inv_t):
+        """This rank's slice of z for the rows x, in the accumulation dtype."""
+        logits = torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
+        return self.transform(logits.to(acc_dtype(x.dtype))) * inv_t[:, None]
+
+    def held(self, target):
+        """(local index, whether this rank holds the target) of each row."""
+        local = target - self.offset
+        held = (local >= 0) & (local < self.n_local)
+        return local.clamp(0, max(self.n_local - 1, 0)), held
+
+    def stats(self, z, target, top1):
+        """Every rank's (lse, entropy, log_sum_sq, mean, z_t, is_top1) of the rows: two
+        all-reduces of a few numbers per row (three with is_top1)."""
+        m = z.amax(1) if self.n_local else z.new_full((z.shape[0],), float("-inf"))
+        top = m.clone()
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
+        shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        e = torch.exp(z - shift[:, None])
+        local, held = self.held(target)
+        z_t = z.gather(1, local[:, None]).squeeze(1) if self.n_local else torch.zeros_like(m)
+        sums = torch.stack([e.sum(1), torch.where(e > 0, e * (shift[:, None] - z), 0).sum(1),
+                            (e * e).sum(1), z.sum(1), torch.where(held, z_t, 0)])
+        dist.all_reduce(sums, group=self.group)
+        s, d, q, z_sum, z_t = sums
+        log_s = torch.log(s)
+        first = None
+        if top1:  # the first index of the global max: the smallest over the ranks that hold it
+            mine = (z == top[:, None]).int().argmax(1) + self.offset if self.n_local \
+                else torch.zeros_like(target)
+            first = torch.where(m == top, mine, self.n_classes)
+            dist.all_reduce(first, op=dist.ReduceOp.MIN, group=self.group)
+        return (shift + log_s, log_s + d / s, torch.log(q) - 2 * log_s,
+                z_sum / self.n_classes.to(z.dtype), z_t, first)
+
+
+class _VocabParallelLogProbs(torch.autograd.Function):
+    """(log_probs, entropy, lse, log_sum_sq, mean, is_top1) of every row, chunk by chunk;
+    the backward runs the chunks again with the upstream gradients."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, sl, target, inv_t, want):
+        n = x.shape[0]
+        outs = [x.new_empty(n, dtype=acc_dtype(x.dtype)) for _ in range(5)]
+        top1 = torch.zeros(n, dtype=torch.bool, device=x.device)
+        for i in range(0, max(n, 1), sl.chunk):  # no rows: one empty chunk, still reduced
+            rows = slice(i, i + sl.chunk)
+            lse, ent, lsq, mean, z_t, first = sl.stats(
+                sl.z(x[rows], w, b, inv_t[rows]), target[rows], want["is_top1"])
+            for out, v in zip(outs, (z_t - lse, ent, lse, lsq, mean)):
+                out[rows] = v
+            if first is not None:
+                top1[rows] = first == target[rows]
+        ctx.save_for_backward(x, w, b, target, inv_t, outs[2], outs[1])
+        ctx.sl = sl
+        ctx.mark_non_differentiable(*outs[2:], top1)
+        ctx.set_materialize_grads(False)
+        return (*outs, top1)
+
+    @staticmethod
+    def backward(ctx, g, h, *unused):
+        first_order_only()
+        x, w, b, target, inv_t, lse, ent = ctx.saved_tensors
+        sl = ctx.sl
+        acc = lse.dtype
+        gx = torch.zeros(x.shape, dtype=acc, device=x.device)
+        gw = torch.zeros(w.shape, dtype=acc, device=w.device)
+        gb = torch.zeros(w.shape[0], dtype=acc, device=w.device) if b is not None else None
+        for i in range(0, x.shape[0], sl.chunk):
+            rows = slice(i, i + sl.chunk)
+            xc = x[rows]
+            logits = torch.mm(xc, w.t()) if b is None else torch.addmm(b, xc, w.t())
+            logits = logits.to(acc).requires_grad_()
+            with torch.enable_grad():  # d z / d logits through the transform, by autograd
+                z = sl.transform(logits) * inv_t[rows, None]
+            p = torch.exp(z.detach() - lse[rows, None])
+            dz = torch.zeros_like(p)
+            if g is not None:
+                local, held = sl.held(target[rows])
+                gc = g[rows].to(acc)
+                dz = dz - gc[:, None] * p
+                if sl.n_local:  # an empty slice holds no target
+                    dz.scatter_add_(1, local[:, None], torch.where(held, gc, 0)[:, None])
+            if h is not None:
+                terms = p * (z.detach() - lse[rows, None] + ent[rows, None])
+                dz = dz - h[rows].to(acc)[:, None] * torch.where(p > 0, terms, 0)
+            (dlogits,) = torch.autograd.grad(z, logits, dz)
+            gx[rows] = dlogits @ w.to(acc)
+            gw += dlogits.t() @ xc.to(acc)
+            if gb is not None:
+                gb += dlogits.sum(0)
+        all_reduce(gx, sl.group)  # every rank: the whole gradient of the replicated input
+        return (gx.to(x.dtype), gw.to(w.dtype), gb.to(b.dtype) if gb is not None else None,
+                None, None, None, None)
+
+
+def linear_log_probs(x, w, b, target, inv_t, transform, want, chunk_size, default_chunk,
+                     group):
+    """Vocab-parallel linear log-probs: x (N, D) and target (N,) replicated, w (V_local, D)
+    and b this rank's slice; inv_t (N,) each row's inverse temperature. Returns the six
+    outputs of fusedloss.log_probs (all computed)."""
+    sl = LogProbsSlice(group, x, w.shape[0], transform, x.shape[0], chunk_size, default_chunk)
+    if target.device.type == "cpu":  # free to check on the CPU (a host sync elsewhere)
+        bad = (target < 0) | (target >= sl.n_classes)
+        if bool(bad.any()):
+            raise IndexError(f"target contains the class index {int(target[bad][0])}, "
+                             f"outside [0, {int(sl.n_classes)}) (the classes of every rank)")
+    return _VocabParallelLogProbs.apply(x, w, b, sl, target, inv_t, want)

@@ -11,17 +11,21 @@ from fusedloss.kernels._math import (class_rows_tile, class_target_state, class_
 
 
 @triton.jit
-def _row_state(target_ptr, row_inv_temp_ptr, rows, row_mask, V, ignore_index, inv_temperature,
-               HAS_ROW_TEMP: tl.constexpr, ACC: tl.constexpr):
-    """(target, ignored, valid, safe index, live rows, inverse temperature) of the rows:
-    live rows are the ones whose logits are read (in the tile and not ignored)."""
+def _row_state(target_ptr, row_inv_temp_ptr, N, V, ignore_index, inv_temperature,
+               logit_scale, softcap, HAS_ROW_TEMP: tl.constexpr, ACC: tl.constexpr,
+               BLOCK_R: tl.constexpr):
+    """The program's rows (index, offset of class 0, mask), their targets (ignored, valid,
+    safe index), the live rows (in the tile and not ignored: the ones read), each row's
+    inverse temperature, and logit_scale and softcap as ACC scalars."""
+    rows, row_base, row_mask = class_rows_tile(tl.program_id(0), N, V, 1, BLOCK_R, False)
     t = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index)
     ignored, valid, t_safe = class_target_state(t, V, ignore_index)
     if HAS_ROW_TEMP:
         inv_t = tl.load(row_inv_temp_ptr + rows, mask=row_mask, other=1.0).to(ACC)
     else:
         inv_t = tl.full(t.shape, inv_temperature, ACC)
-    return t, ignored, valid, t_safe, row_mask & ~ignored, inv_t
+    return (rows, row_base, row_mask, t, ignored, valid, t_safe, row_mask & ~ignored, inv_t,
+            scalar_arg(logit_scale, ACC), scalar_arg(softcap, ACC))
 
 
 @triton.jit
@@ -36,14 +40,10 @@ def _log_probs_kernel(
     # One pass over each row (the running max m, and s, d, q rescaled as it grows), then
     # one load of the target's logit. Bytes: one read of the live rows (ignored rows are
     # not read), 6 values written per row at most.
-    pid = tl.program_id(0)
-    rows, row_base, row_mask = class_rows_tile(pid, N, V, 1, BLOCK_R, False)
+    rows, row_base, row_mask, t, ignored, valid, t_safe, live, inv_t, ls, cap = _row_state(
+        target_ptr, row_inv_temp_ptr, N, V, ignore_index, inv_temperature, logit_scale,
+        softcap, HAS_ROW_TEMP, ACC, BLOCK_R)
     cols = tl.arange(0, BLOCK_V)
-    t, ignored, valid, t_safe, live, inv_t = _row_state(
-        target_ptr, row_inv_temp_ptr, rows, row_mask, V, ignore_index, inv_temperature,
-        HAS_ROW_TEMP, ACC)
-    ls = scalar_arg(logit_scale, ACC)
-    cap = scalar_arg(softcap, ACC)
 
     m = tl.full([BLOCK_R], float("-inf"), ACC)
     s = tl.zeros([BLOCK_R], ACC)
@@ -115,14 +115,10 @@ def _log_probs_grad_kernel(
     # Grid: cdiv(N, BLOCK_R); each program owns BLOCK_R whole rows. One pass: read x, write
     # dx (grad may be x itself: each element is read before it is written). Ignored rows
     # are not read, only zeroed.
-    pid = tl.program_id(0)
-    rows, row_base, row_mask = class_rows_tile(pid, N, V, 1, BLOCK_R, False)
+    rows, row_base, row_mask, t, ignored, valid, t_safe, live, inv_t, ls, cap = _row_state(
+        target_ptr, row_inv_temp_ptr, N, V, ignore_index, inv_temperature, logit_scale,
+        softcap, HAS_ROW_TEMP, ACC, BLOCK_R)
     cols = tl.arange(0, BLOCK_V)
-    t, ignored, valid, t_safe, live, inv_t = _row_state(
-        target_ptr, row_inv_temp_ptr, rows, row_mask, V, ignore_index, inv_temperature,
-        HAS_ROW_TEMP, ACC)
-    ls = scalar_arg(logit_scale, ACC)
-    cap = scalar_arg(softcap, ACC)
     lse = tl.load(lse_ptr + rows, mask=live, other=0.0).to(ACC)
     if HAS_G:
         g = tl.load(g_ptr + rows, mask=live, other=0.0).to(ACC)

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import ast
 from pathlib import Path
 
 import pytest
@@ -231,54 +230,3 @@ def test_progress_estimate_weighs_compile_and_corrects_itself(monkeypatch):
     assert bar.done == 50.0
     bar.started -= 10.0  # 10 s for the first half: about 10 s left
     assert 9.0 < bar.left_s() < 11.5
-
-
-def _benchmark_imports(path, package):
-    """The benchmarks modules `path` imports, at module level or inside functions."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: from . import x / from .x import y / from .. import
-                base = package.split(".")[:len(package.split(".")) - node.level + 1]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
-            names = [target] + [f"{target}.{a.name}" for a in node.names]
-        elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        else:
-            continue
-        found |= {n.removeprefix("fusedloss.") for n in names
-                  if n.removeprefix("fusedloss.").startswith("benchmarks.")}
-    return found
-
-
-def test_benchmarks_import_graph_is_acyclic():
-    """Module-level and function-level imports alike: the modules of benchmarks/ form
-    layers (measure -> cases -> providers -> report -> the commands), no circle."""
-    root = ROOT / "benchmarks"
-    modules = {}
-    for path in root.rglob("*.py"):
-        parts = path.relative_to(ROOT).with_suffix("").parts
-        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        package = name if parts[-1] == "__init__" else ".".join(parts[:-1])
-        modules[name] = (path, package)
-    graph = {name: {m for m in _benchmark_imports(path, package) if m in modules and m != name}
-             for name, (path, package) in modules.items()}
-    order, state = [], {}
-
-    def visit(name, chain):
-        if state.get(name) == "done":
-            return
-        assert state.get(name) != "open", "import circle: " + " -> ".join(chain + [name])
-        state[name] = "open"
-        for dep in sorted(graph[name]):
-            visit(dep, chain + [name])
-        state[name] = "done"
-        order.append(name)
-
-    for name in sorted(graph):
-        visit(name, [])
-    assert graph["benchmarks.measure"] <= {"benchmarks"}  # the bottom layer
-    assert order.index("benchmarks.cases") < order.index("benchmarks.providers") \
-        < order.index("benchmarks.report") < order.index("benchmarks.__main__")

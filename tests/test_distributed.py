@@ -328,3 +328,53 @@ def test_a_failed_rank_ends_the_run_at_once():
     with pytest.raises(pytest.fail.Exception, match="(?s)rank 1 of 2 failed.*rank 1 breaks"):
         run_ranks(_one_rank_fails, 2, timeout=240)
     assert time.monotonic() - started < 120
+
+
+# ------------------------------------------------------------------------------ log-probs
+# Vocabulary slices of V = 37, and V = 4 on 3 ranks split 2/2/0 as DTensor's chunking
+# does: a rank with an empty slice contributes nothing.
+LOG_PROBS_SLICES = {1: [37], 2: [10, 27], 3: [2, 2, 0]}
+
+
+def _vocab_parallel_log_probs(rank, world):
+    torch.manual_seed(0)  # the same tensors on every rank
+    sizes = LOG_PROBS_SLICES[world]
+    n, d, v = 11, 6, sum(sizes)
+    x = torch.randn(n, d, dtype=torch.float64)
+    w = torch.randn(v, d, dtype=torch.float64) * 2
+    b = torch.randn(v, dtype=torch.float64)
+    t = torch.randint(0, v, (n,))
+    t[::4] = -100
+    temperature = torch.rand(n, dtype=torch.float64) + 0.5
+    g, h = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    extras = ("lse", "log_sum_sq_probs", "mean_logits", "is_top1")
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    for kwargs in (dict(), dict(softcap=3.0, logit_scale=1.2, temperature=temperature)):
+        leaves = [x.clone().requires_grad_(), w.clone().requires_grad_(),
+                  b.clone().requires_grad_()]
+        expected = fusedloss.linear_log_probs(leaves[0], leaves[1], t, linear_bias=leaves[2],
+                                              return_entropy=True, extras=extras,
+                                              backend="reference", **kwargs)
+        ((expected.log_probs * g).sum() + (expected.entropy * h).sum()).backward()
+        mine = [x.clone().requires_grad_(), w[lo:hi].clone().requires_grad_(),
+                b[lo:hi].clone().requires_grad_()]
+        ours = fusedloss.linear_log_probs(mine[0], mine[1], t, linear_bias=mine[2],
+                                          return_entropy=True, extras=extras, chunk_size=4,
+                                          process_group=dist.group.WORLD, **kwargs)
+        ((ours.log_probs * g).sum() + (ours.entropy * h).sum()).backward()
+        for name in ("log_probs", "entropy", *extras[:-1]):
+            assert_close(getattr(ours, name), getattr(expected, name))
+        assert torch.equal(ours.is_top1, expected.is_top1)
+        assert_close(mine[0].grad, leaves[0].grad)
+        assert_close(mine[1].grad, leaves[1].grad[lo:hi])
+        assert_close(mine[2].grad, leaves[2].grad[lo:hi])
+    group = dist.group.WORLD
+    with pytest.raises(ValueError, match="backend"):
+        fusedloss.linear_log_probs(x, w[lo:hi], t, backend="cpu", process_group=group)
+    with pytest.raises(IndexError, match="target"):  # past every rank's classes
+        fusedloss.linear_log_probs(x, w[lo:hi], torch.full((n,), v), process_group=group)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_vocab_parallel_linear_log_probs(world):
+    run_ranks(_vocab_parallel_log_probs, world)

@@ -92,6 +92,12 @@ def test_no_import_circles():
     graph = {name: _imports(name, path, modules) for name, path in modules.items()}
     circle = _circle(graph)
     assert circle is None, "import circle: " + " -> ".join(circle)
+    # The layers the packages' docstrings name: the bottom ones import no sibling above.
+    assert not graph["fusedloss._library"] - {"fusedloss"}
+    assert graph["fusedloss.reference"] <= {"fusedloss", "fusedloss._library"}
+    assert not {m for m in graph["benchmarks.measure"] if m.startswith("benchmarks.")}
+    assert "benchmarks.cases" in graph["benchmarks.providers"]
+    assert "benchmarks.providers" in graph["benchmarks.report"]
 
 
 def test_the_circle_finder_finds_a_circle():

@@ -2,7 +2,6 @@
 here in float64, on every backend: every option, upstream gradients on the log-probs and
 the entropy alone and together, chunk boundaries, leading dimensions, the extras, and the
 memory of the fused head."""
-import math
 
 import pytest
 import torch

@@ -20,10 +20,10 @@ def step_build(ctx, step):
     rc = ctx.call(step, [*INTERNAL, "buildcheck", check], log, append=False)
     if stopped(step, rc, log, "tool check "):
         return
-    missing = json.loads(check.read_text())["missing"]
-    if missing:
+    absent = json.loads(check.read_text())["missing"]
+    if absent:
         step.status = missing(ctx)
-        step.note = "missing: " + "; ".join(missing)
+        step.note = "missing: " + "; ".join(absent)
         return
     cmd = [PY, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."]
     if ctx.dry:

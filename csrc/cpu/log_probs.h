@@ -61,8 +61,8 @@ namespace fusedloss {
 namespace cpu {
 namespace CPU_CAPABILITY {
 
-// z = a * softcap(logit_scale * x) of one row, vector by vector; the row's pieces shared
-// by both kernels.
+// The two kernels over the rows of one launch, and what they share: z = a * softcap(
+// logit_scale * x) of a row, vector by vector.
 template <class scalar_t>
 struct LogProbsRow {
   using acc_t = acc_of<scalar_t>;
@@ -71,11 +71,13 @@ struct LogProbsRow {
   const LogProbsArgs& a;
   const acc_t ls, cap, inv_cap;
   const bool capped;
+  const int64_t C;
+  const scalar_t* const x_all;
 
   explicit LogProbsRow(const LogProbsArgs& args)
       : a(args), ls(acc_t(args.logit_scale)), cap(acc_t(args.softcap)),
         inv_cap(args.softcap > 0 ? acc_t(1.0 / args.softcap) : acc_t(0)),
-        capped(args.softcap > 0) {}
+        capped(args.softcap > 0), C(args.V), x_all(static_cast<const scalar_t*>(args.x)) {}
 
   acc_t inv_t(int64_t r) const {
     return a.row_inv_temperature ? static_cast<const acc_t*>(a.row_inv_temperature)[r]
@@ -97,17 +99,13 @@ struct LogProbsRow {
     const V t = yv * V(inv_cap);
     return (V(acc_t(1)) - t * t) * V(ls);
   }
+  void forward(int64_t r0, int64_t r1) const;
+  void backward(int64_t r0, int64_t r1) const;
 };
 
 template <class scalar_t>
-void log_probs_forward(const LogProbsArgs& a, int64_t r0, int64_t r1) {
-  using Row = LogProbsRow<scalar_t>;
-  using acc_t = typename Row::acc_t;
-  using V = typename Row::V;
-  constexpr int64_t L = Row::L;
-  const Row row(a);
-  const int64_t C = a.V;
-  const auto* x_all = static_cast<const scalar_t*>(a.x);
+void LogProbsRow<scalar_t>::forward(int64_t r0, int64_t r1) const {
+  const LogProbsRow& row = *this;
   auto out = [&](void* p, int64_t r, acc_t v) { if (p) static_cast<acc_t*>(p)[r] = v; };
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity(), nan = math::fl_nan<acc_t>();
 
@@ -172,14 +170,8 @@ void log_probs_forward(const LogProbsArgs& a, int64_t r0, int64_t r1) {
 }
 
 template <class scalar_t>
-void log_probs_backward(const LogProbsArgs& a, int64_t r0, int64_t r1) {
-  using Row = LogProbsRow<scalar_t>;
-  using acc_t = typename Row::acc_t;
-  using V = typename Row::V;
-  constexpr int64_t L = Row::L;
-  const Row row(a);
-  const int64_t C = a.V;
-  const auto* x_all = static_cast<const scalar_t*>(a.x);
+void LogProbsRow<scalar_t>::backward(int64_t r0, int64_t r1) const {
+  const LogProbsRow& row = *this;
   auto* g_all = static_cast<scalar_t*>(a.grad);
   const auto* lse_all = static_cast<const acc_t*>(a.lse_in);
   const auto* ent_all = static_cast<const acc_t*>(a.entropy_in);
@@ -223,6 +215,17 @@ void log_probs_backward(const LogProbsArgs& a, int64_t r0, int64_t r1) {
       gx[t] = static_cast<scalar_t>(dz_t * dy_t * inv_t);
     }
   }
+}
+
+// The registered kernels: rows [r0, r1) of a launch.
+template <class scalar_t>
+void log_probs_forward(const LogProbsArgs& a, int64_t r0, int64_t r1) {
+  LogProbsRow<scalar_t>(a).forward(r0, r1);
+}
+
+template <class scalar_t>
+void log_probs_backward(const LogProbsArgs& a, int64_t r0, int64_t r1) {
+  LogProbsRow<scalar_t>(a).backward(r0, r1);
 }
 
 }  // namespace CPU_CAPABILITY

@@ -44,14 +44,11 @@ def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="non
     are flattened; reduction "none" gives one float32 log-prob per token, "sum" their sum
     and "mean" their mean over the tokens; entropy is always per token. Both carry
     gradients to hidden, weight and bias. Keyword-only extras are fusedloss's (see
-    fusedloss.linear_log_probs). dist_process_group: verl's vocab-parallel head, not
-    available yet (a clear error)."""
+    fusedloss.linear_log_probs). dist_process_group: verl's vocab-parallel head, weight
+    holding this rank's slice of the vocabulary in rank order and labels global indices
+    (fusedloss.linear_log_probs' process_group; the slices may differ in size)."""
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if dist_process_group is not None:
-        raise NotImplementedError("fusedloss.integrations.verl.linear_cross_entropy: "
-                                  "dist_process_group (a vocab-parallel head) is not "
-                                  "available yet")
     if hidden.dim() < 1:
         raise ValueError("hidden must be (..., D), got a 0-dim tensor")
     if labels.numel() * hidden.shape[-1] != hidden.numel():
@@ -61,7 +58,7 @@ def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="non
         hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), linear_bias=bias,
         temperature=temperature, logit_scale=logit_scale, softcap=softcap,
         ignore_index=ignore_index, return_entropy=True, chunk_size=chunk_size,
-        backend=backend)
+        process_group=dist_process_group, backend=backend)
     log_probs = out.log_probs
     if reduction == "sum":
         log_probs = log_probs.sum()
