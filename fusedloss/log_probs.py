@@ -53,7 +53,7 @@ EXTRAS = ("lse", "log_sum_sq_probs", "mean_logits", "is_top1")
 # 1024): 64 MiB, still O(chunk x V) and far below the whole logits. On a GPU the chunk
 # only has to keep the products large.
 CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}
-_BACKENDS = ("triton", "cpu")
+_BACKENDS = ("triton", "cpu", "cuda")
 
 
 class LogProbs(typing.NamedTuple):
@@ -72,7 +72,8 @@ class LogProbs(typing.NamedTuple):
 # transformed (row_inv_temperature, (N,) acc, overrides inv_temperature when given).
 _ROW_ARGS = ("Tensor target, Tensor? row_inv_temperature, float inv_temperature, "
              "float logit_scale, float softcap, int ignore_index")
-_WANT = "bool compute_entropy, bool compute_log_sum_sq, bool compute_mean, bool compute_top1"
+_WANT_NAMES = ("compute_entropy", "compute_log_sum_sq", "compute_mean", "compute_top1")
+_WANT = ", ".join(f"bool {name}" for name in _WANT_NAMES)
 _OUTPUTS = ("Tensor log_probs, Tensor entropy, Tensor lse, Tensor log_sum_sq_probs, "
             "Tensor mean_logits, Tensor is_top1")
 _GRADS = "Tensor lse, Tensor? entropy, Tensor? grad_log_probs, Tensor? grad_entropy"
@@ -199,7 +200,6 @@ def _linear_run(a, ns):
 
 
 _linear_run.builds_on = "log_probs"
-_WANT_NAMES = ("compute_entropy", "compute_log_sum_sq", "compute_mean", "compute_top1")
 
 
 def _linear_grad_run(a, ns):
@@ -235,10 +235,6 @@ def _linear_reference(a):
     return _reference_rows(a, logits)[:2]
 
 
-def _linear_setup(ctx, a, outputs):
-    _setup(ctx, a, outputs)
-
-
 def _linear_backward(ctx, grad_log_probs, grad_entropy, *unused):
     needed = _library.needed_inputs(ctx) & {"input", "linear_weight", "linear_bias"}
     if not needed or (grad_log_probs is None and grad_entropy is None):
@@ -258,7 +254,7 @@ LINEAR_LOG_PROBS = Op(
     "linear_log_probs", f"({_LINEAR}, {_ROW_ARGS}, {_WANT}, int chunk_size) -> ({_OUTPUTS})",
     outputs=lambda a: _row_outputs(a, a.input.shape[0], a.input),
     backends=_BACKENDS, composite=_linear_run, reference=_linear_reference,
-    differentiable=(0, 1), saved_outputs=("entropy", "lse"), setup_context=_linear_setup,
+    differentiable=(0, 1), saved_outputs=("entropy", "lse"), setup_context=_setup,
     backward=_linear_backward).define()
 LINEAR_LOG_PROBS_GRAD = Op(
     "linear_log_probs_grad",

@@ -1,5 +1,6 @@
 // The host side of the token log-probs ops: checks, outputs, LogProbsArgs packing, and
-// the launches of the CPU kernels (cpu/log_probs.h). Outputs are in the accumulation type.
+// the launches of the CPU kernels (cpu/log_probs.h) and the CUDA ones (cuda/log_probs.cu).
+// Outputs are in the accumulation type.
 #pragma once
 
 #include <c10/core/DeviceGuard.h>
@@ -15,13 +16,17 @@
 
 namespace fusedloss {
 
+// The CUDA launches (cuda/log_probs.cu), on the current stream.
+void log_probs_forward_cuda(const LogProbsArgs& a);
+void log_probs_backward_cuda(const LogProbsArgs& a);
+
 // The arguments every log-probs op shares (the schema's _ROW_ARGS), checked and packed;
 // `keep` holds the tensors the pointers read.
-template <class A>
+template <class Device, class A>
 LogProbsArgs log_probs_args(const A& a, const at::Tensor& x, const char* op,
                             std::vector<at::Tensor>& keep) {
-  TORCH_CHECK(x.device().is_cpu(), "fusedloss.", op, ": expected CPU tensors, got x on ",
-              x.device());
+  TORCH_CHECK(x.device().type() == Device::kType, "fusedloss.", op, ": expected ",
+              Device::kType, " tensors, got x on ", x.device());
   TORCH_CHECK(x.dim() == 2 && x.size(1) > 0, "fusedloss.", op,
               ": x must be (N, V) with V >= 1, got shape ", x.sizes());
   TORCH_CHECK(x.is_contiguous(), "fusedloss.", op, ": x must be contiguous");
@@ -32,7 +37,8 @@ LogProbsArgs log_probs_args(const A& a, const at::Tensor& x, const char* op,
               ": target must hold ", N, " int64 entries, got ", a.target.scalar_type(),
               " of shape ", a.target.sizes());
   keep.push_back(a.target.contiguous());
-  check_class_targets(keep.back(), V, a.ignore_index, op);
+  // On a GPU that check would read the targets on the host: a bad one gives NaN instead.
+  if constexpr (Device::kChecksTargets) check_class_targets(keep.back(), V, a.ignore_index, op);
   LogProbsArgs l{};
   l.dtype = dtype_of(x, op, "x");
   l.N = N;
@@ -52,13 +58,24 @@ LogProbsArgs log_probs_args(const A& a, const at::Tensor& x, const char* op,
 }
 
 template <class Device>
+void launch_log_probs(const LogProbsArgs& l, bool forward) {
+  if (l.N == 0) return;
+  if constexpr (Device::kType == kCPU) {
+    if (forward) cpu::launch<LogProbsForward>(l.dtype, l, l.N, cpu::grain_for(2 * l.V));
+    else cpu::launch<LogProbsBackward>(l.dtype, l, l.N, cpu::grain_for(l.V));
+  } else {
+    if (forward) log_probs_forward_cuda(l);
+    else log_probs_backward_cuda(l);
+  }
+}
+
+template <class Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_probs(
     const schema::log_probs& a) {
-  static_assert(Device::kType == kCPU, "log_probs has a CPU kernel only");
   constexpr const char* op = "log_probs";
   const c10::DeviceGuard device_guard(a.x.device());
   std::vector<at::Tensor> keep;
-  LogProbsArgs l = log_probs_args(a, a.x, op, keep);
+  LogProbsArgs l = log_probs_args<Device>(a, a.x, op, keep);
   l.x = a.x.const_data_ptr();
   const auto acc = a.x.options().dtype(acc_type_of(a.x.scalar_type()));
   auto rows = [&](bool want, at::TensorOptions o) { return at::empty({want ? l.N : 0}, o); };
@@ -72,16 +89,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   l.log_sum_sq = ptr(lsq);
   l.mean = ptr(mean);
   l.is_top1 = top1.numel() ? top1.mutable_data_ptr<bool>() : nullptr;
-  if (l.N > 0) cpu::launch<LogProbsForward>(l.dtype, l, l.N, cpu::grain_for(2 * l.V));
+  launch_log_probs<Device>(l, true);
   return {lp, ent, lse, lsq, mean, top1};
 }
 
 // d (sum g log_probs + h entropy) / d x into `grad` (a new buffer, or x itself).
-template <class A>
+template <class Device, class A>
 void log_probs_grad_into(const A& a, const at::Tensor& grad, const char* op) {
   const c10::DeviceGuard device_guard(a.x.device());
   std::vector<at::Tensor> keep;
-  LogProbsArgs l = log_probs_args(a, a.x, op, keep);
+  LogProbsArgs l = log_probs_args<Device>(a, a.x, op, keep);
   const at::ScalarType acc = acc_type_of(a.x.scalar_type());
   auto row = [&](const std::optional<at::Tensor>& v, const char* name) -> const void* {
     const at::Tensor t = row_vector(v, l.N, acc, a.x, op, name);
@@ -98,24 +115,23 @@ void log_probs_grad_into(const A& a, const at::Tensor& grad, const char* op) {
   TORCH_CHECK(l.lse_in != nullptr, "fusedloss.", op, ": lse must hold one value per row");
   TORCH_CHECK(l.grad_entropy == nullptr || l.entropy_in != nullptr, "fusedloss.", op,
               ": a gradient for the entropy needs the entropy");
-  if (l.N > 0) cpu::launch<LogProbsBackward>(l.dtype, l, l.N, cpu::grain_for(l.V));
+  launch_log_probs<Device>(l, false);
 }
 
 template <class Device>
 std::tuple<at::Tensor> log_probs_grad(const schema::log_probs_grad& a) {
   at::Tensor grad = at::empty_like(a.x, at::MemoryFormat::Contiguous);
-  log_probs_grad_into(a, grad, "log_probs_grad");
+  log_probs_grad_into<Device>(a, grad, "log_probs_grad");
   return {grad};
 }
 
 template <class Device>
 std::tuple<> log_probs_grad_inplace(const schema::log_probs_grad_inplace& a) {
-  log_probs_grad_into(a, a.x, "log_probs_grad_inplace");
+  log_probs_grad_into<Device>(a, a.x, "log_probs_grad_inplace");
   return {};
 }
 
-// CPU kernels only: on a GPU these ops run their Triton kernels.
-FUSEDLOSS_REGISTER_CPU_OPS(log_probs, m, Device) {
+FUSEDLOSS_REGISTER_OPS(log_probs, m, Device) {
   FUSEDLOSS_IMPL(m, log_probs, &log_probs<Device>);
   FUSEDLOSS_IMPL(m, log_probs_grad, &log_probs_grad<Device>);
   FUSEDLOSS_IMPL(m, log_probs_grad_inplace, &log_probs_grad_inplace<Device>);
