@@ -166,6 +166,26 @@ def _verl_unavailable(device_type, case):
     return None
 
 
+def _verl_triton(case):
+    from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy
+    t = float(case.loss_kwargs()["temperature"])
+    return lambda x, w, target: rl_objective(*linear_cross_entropy(x, w, target, t, "none"))
+
+
+def _verl_triton_unavailable(device_type, case):
+    why = _verl_unavailable(device_type, case)
+    if why is None and device_type != "cuda":
+        return "verl's Triton kernel runs on CUDA only"
+    if why is None and case.d % 128:
+        return "verl's Triton kernel needs a hidden size that is a multiple of 128"
+    if why is None:
+        try:  # the package's __init__ needs ray and verl's own dependencies
+            import verl.utils.kernel.linear_cross_entropy  # noqa: F401
+        except Exception as exc:  # noqa: BLE001 (any import failure is a reason not to run)
+            return f"verl does not import here ({type(exc).__name__}: {exc})"
+    return why
+
+
 def _eager(case):
     kwargs = case.loss_kwargs()
     if case.loss == "cross_entropy":
@@ -375,10 +395,11 @@ PROVIDERS = [
     Provider("torch-lce-chunked", functools.partial(_torch_lce, True),
              functools.partial(_torch_lce_unavailable, True)),
     Provider("liger", _liger, _liger_unavailable),
-    # RL post-training's chunked log-probs: TRL's (Triton on a GPU, torch ops elsewhere)
-    # and verl's pure-torch function.
+    # RL post-training's chunked log-probs: TRL's (Triton on a GPU, torch ops elsewhere),
+    # verl's pure-torch function and its Triton kernel (GPU).
     Provider("trl", _trl, _trl_unavailable),
     Provider("verl-torch", _verl_torch, _verl_unavailable),
+    Provider("verl-triton", _verl_triton, _verl_triton_unavailable),
     Provider("cut-cross-entropy", _cce, _cce_unavailable),
     # Over `world` gloo ranks: fusedloss's process_group path, and gathering everything.
     Provider("fusedloss-dist", _dist_fusedloss, _dist_unavailable, distributed=True),

@@ -274,7 +274,7 @@ def _vocab_parallel(input, linear_weight, linear_bias, target, weight, token_wei
     n_classes = linear_weight.shape[0]
     w = linear_weight.reshape(-1, input.shape[-1])
     b = linear_bias.reshape(-1) if linear_bias is not None else None
-    positions = w.shape[0] // n_classes
+    positions = math.prod(linear_weight.shape[1:-1])  # from the shape: a slice may be empty
     target_k = target.to(input.dtype) if o.prob_target else target.reshape(-1).long()
     k = kernel_args(o, target_k, weight, token_weight, input)
     loss, lse, entropy = vocab_parallel.linear_cross_entropy(

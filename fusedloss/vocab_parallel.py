@@ -86,12 +86,15 @@ class VocabSlice:
         """The slice's (m, [s, sums...], shift) for z (rows, C_local, S), which it
         overwrites (with exp(z - shift)): so z may be scratch memory, such as the gradient
         buffer before the gradient is written."""
-        m = z.amax(1)
+        # An empty slice (V=4 on 3 ranks: 2/2/0) has no max and holds no target: it adds
+        # -inf to the max and 0 to every sum.
+        empty = self.n_local == 0
+        m = z.new_full((z.shape[0], z.shape[2]), float("-inf")) if empty else z.amax(1)
         shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         sums = []
         if not target.is_floating_point():
             local, held = self.targets(target)[:2]
-            z_t = z.gather(1, local[:, None]).squeeze(1)
+            z_t = torch.zeros_like(m) if empty else z.gather(1, local[:, None]).squeeze(1)
             sums.append(torch.where(held, z_t, torch.zeros_like(z_t)))
             if self.o.label_smoothing > 0:
                 sums.append(torch.einsum("rcs,c->rs", z, self.weight_local)
@@ -174,8 +177,9 @@ class VocabSlice:
                     torch.ones(self.n_local, dtype=self.acc, device=out.device)
                 out.addcmul_(w[None, :, None], w_coef[:, None], value=-1)
             local, held = self.targets(target)[:2]
-            out.scatter_add_(1, local[:, None], -torch.where(held, t_coef,
-                                                             torch.zeros_like(t_coef))[:, None])
+            if self.n_local:  # an empty slice holds no target
+                out.scatter_add_(1, local[:, None],
+                                 -torch.where(held, t_coef, torch.zeros_like(t_coef))[:, None])
             out.masked_fill_((target == self.o.ignore_index)[:, None], 0)
         else:
             out.sub_(self.soft_targets(target) * w_coef[:, None])
@@ -283,7 +287,8 @@ def _linear_chunks(sl, x, w, b, target, row_weight, loss_scale, positions, chunk
         if entropy:
             ent[i:i + chunk] = e
         if grads:
-            g = sl.grad_into(logits, z, tc, lse[i:i + chunk], coefs, loss_scale).view(-1, v)
+            g = sl.grad_into(logits, z, tc, lse[i:i + chunk], coefs, loss_scale) \
+                .view(xc.shape[0], v)
             gx[i:i + chunk] = torch.mm(g.to(x.dtype), w)
             gw.addmm_(g.t().to(gw.dtype), xc.to(gw.dtype))
             if gb is not None:

@@ -378,3 +378,38 @@ def _vocab_parallel_log_probs(rank, world):
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_vocab_parallel_linear_log_probs(world):
     run_ranks(_vocab_parallel_log_probs, world)
+
+
+def _empty_class_slice(rank, world):
+    """V=4 on 3 ranks splits 2/2/0, as DTensor's chunking does: the rank with no classes
+    contributes nothing, and every rank gets the single-process loss and its gradients."""
+    sizes = [2, 2, 0]
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, dtype=torch.float64) * 2
+    t = torch.tensor([0, 1, 2, 3, -100])
+    weight = torch.rand(4, dtype=torch.float64) + 0.5
+    h, w = torch.randn(5, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    group = dist.group.WORLD
+    for kwargs in (dict(), dict(weight=weight, label_smoothing=0.1, z_loss=1e-2)):
+        full = x.clone().requires_grad_()
+        expected = fusedloss.cross_entropy(full, t, backend="reference", **kwargs)
+        expected.backward()
+        local = x[:, lo:hi].clone().requires_grad_()
+        loss = fusedloss.cross_entropy(local, t, process_group=group, **kwargs)
+        loss.backward()
+        assert_close(loss, expected)
+        assert_close(local.grad, full.grad[:, lo:hi])
+        leaves = [h.clone().requires_grad_(), w.clone().requires_grad_()]
+        expected = fusedloss.linear_cross_entropy(*leaves, t, backend="reference", **kwargs)
+        expected.backward()
+        mine = [h.clone().requires_grad_(), w[lo:hi].clone().requires_grad_()]
+        loss = fusedloss.linear_cross_entropy(*mine, t, process_group=group, **kwargs)
+        loss.backward()
+        assert_close(loss, expected)
+        assert_close(mine[0].grad, leaves[0].grad)
+        assert_close(mine[1].grad, leaves[1].grad[lo:hi])
+
+
+def test_empty_class_slice():
+    run_ranks(_empty_class_slice, 3)
