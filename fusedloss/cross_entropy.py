@@ -36,7 +36,7 @@ import typing
 
 import torch
 
-from . import _backends, _checks, _library, reference, vocab_parallel
+from . import _backends, _checks, _dtensor, _library, reference, vocab_parallel
 from ._library import Op, acc_dtype, grad_output, rows_of
 from .log_probs import RowEntropy
 from ._module import LossModule
@@ -292,8 +292,25 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
                    "reference"; no inplace_backward, no higher-order gradients).
       backend      "auto", "reference", "triton", "cuda" or "cpu".
 
+    DTensor input (tensor parallel, e.g. a ColwiseParallel LM head's logits): sharded on
+    the class dimension along one mesh dimension, it runs the vocab-parallel path above on
+    that dimension's group (the slices are the local tensors, in rank order: uneven and
+    empty ones work); replicated, the local kernels. target, weight and token_weight may
+    be plain tensors or replicated DTensors. The outputs are replicated DTensors. Partial
+    logits, or classes sharded on two mesh dimensions, are refused; other sharded
+    dimensions are not supported yet.
+
     Returns the loss, or (loss, lse), (loss, entropy) or (loss, lse, entropy) as asked.
     """
+    if _dtensor.is_dtensor(input, target, weight, token_weight):
+        return _dtensor.call(
+            cross_entropy, input, 0 if input.dim() == 1 else 1, "cross_entropy",
+            dict(target=target, weight=weight, token_weight=token_weight),
+            dict(ignore_index=ignore_index, reduction=reduction,
+                 label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                 logit_scale=logit_scale, return_lse=return_lse, return_entropy=return_entropy,
+                 inplace_backward=inplace_backward, process_group=process_group,
+                 backend=backend))
     class_dim, _ = _checks.class_input(input)
     o = check_options(input, target, weight, token_weight, input.shape, class_dim, reduction,
                       ignore_index, label_smoothing, logit_scale, softcap, z_loss,

@@ -413,3 +413,46 @@ def _empty_class_slice(rank, world):
 
 def test_empty_class_slice():
     run_ranks(_empty_class_slice, 3)
+
+
+# ------------------------------------------------------------------------------ DTensor
+def _dtensor_cross_entropy(rank, world):
+    """DTensor logits sharded on the classes (uneven and empty slices: V=5 on 2 ranks is
+    3/2, V=4 on 3 ranks 2/2/0) or replicated: loss and gradients equal to one process, the
+    loss a replicated DTensor, the gradient sharded as the logits; the refusals."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    v = {1: 7, 2: 5, 3: 4}[world]
+    x = torch.randn(6, v, dtype=torch.float64) * 2
+    t = torch.tensor([0, 1, 2, 3, -100, 1]) % v
+    t[4] = -100
+    weight = torch.rand(v, dtype=torch.float64) + 0.5
+    for placement in (Shard(1), Replicate()):
+        for kwargs in (dict(), dict(weight=weight, label_smoothing=0.1, z_loss=1e-2)):
+            full = x.clone().requires_grad_()
+            expected = fusedloss.cross_entropy(full, t, backend="reference", **kwargs)
+            expected.backward()
+            dx = distribute_tensor(x.clone(), mesh, [placement]).requires_grad_()
+            loss = fusedloss.cross_entropy(dx, t, **kwargs)
+            assert isinstance(loss, DTensor) and loss.placements == (Replicate(),)
+            loss.backward()
+            assert_close(loss.full_tensor(), expected)
+            assert dx.grad.placements == (placement,)
+            assert_close(dx.grad.full_tensor(), full.grad)
+    dt = distribute_tensor(t, mesh, [Replicate()])  # a replicated DTensor target
+    sharded = distribute_tensor(x.clone(), mesh, [Shard(1)])
+    assert_close(fusedloss.cross_entropy(sharded, dt, reduction="sum").full_tensor(),
+                 torch.nn.functional.cross_entropy(x, t, reduction="sum"))
+    with pytest.raises(ValueError, match="Partial"):
+        fusedloss.cross_entropy(DTensor.from_local(x, mesh, [Partial()]), t)
+    with pytest.raises(ValueError, match="not both"):
+        fusedloss.cross_entropy(sharded, t, process_group=dist.group.WORLD)
+    with pytest.raises(ValueError, match="target"):
+        fusedloss.cross_entropy(sharded, distribute_tensor(t, mesh, [Shard(0)]))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_dtensor_cross_entropy(world):
+    run_ranks(_dtensor_cross_entropy, world)
