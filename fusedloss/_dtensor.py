@@ -64,7 +64,66 @@ def call(fn, x, class_dim, what, tensors, kwargs):
                          "both (the DTensor's mesh names the group)")
     mesh, group = class_group(x, class_dim, what)
     local = {name: replicated_local(v, mesh, name, what) for name, v in tensors.items()}
-    out = fn(x.to_local(), **local, **dict(kwargs, process_group=group))
-    wrap = lambda t: DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim)  # noqa: E731
-    return tuple(wrap(t) for t in out) if isinstance(out, tuple) else wrap(out)
+    return _wrap(fn(x.to_local(), **local, **dict(kwargs, process_group=group)), mesh)
+
+
+def _wrap(out, mesh):
+    """The loss's outputs (a tensor, a tuple or a named tuple; None kept) as DTensors
+    replicated on the mesh: every rank computed the same values."""
+    def wrap(t):
+        return DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim) if t is not None else None
+    if not isinstance(out, tuple):
+        return wrap(out)
+    values = [wrap(t) for t in out]
+    return type(out)(*values) if hasattr(out, "_fields") else tuple(values)
+
+
+def call_head(fn, x, weight, bias, what, tensors, kwargs):
+    """fn(local x, local weight, ..., linear_bias=local bias) for a DTensor LM head: its
+    weight Shard(0) along one mesh dimension is vocab-parallel on that dimension's group,
+    replicated it is a local head. The input must be a DTensor on the weight's mesh,
+    replicated or sharded on its rows (sequence parallel: gathered here, its gradient
+    coming back sharded as it was); the other tensors plain or replicated."""
+    if kwargs.get("process_group") is not None:
+        raise ValueError(f"fusedloss.{what}: pass DTensors or a process_group, not both "
+                         "(the DTensors' mesh names the group)")
+    if not is_dtensor(x) or not is_dtensor(weight):
+        raise ValueError(
+            f"fusedloss.{what}: input and linear_weight must both be DTensors (or both plain "
+            "tensors). A plain input with a DTensor weight is refused because an FSDP-sharded "
+            "weight (Shard(0) on the data-parallel mesh) looks just like a vocab-sharded one: "
+            "compute the loss inside the head's forward, where FSDP gathers the weight, or "
+            "pass the input as a DTensor on the weight's mesh")
+    mesh = weight.device_mesh
+    if any(isinstance(p, Partial) for p in (*weight.placements, *x.placements)):
+        raise ValueError(f"fusedloss.{what}: a Partial DTensor input or weight; redistribute "
+                         "it to Shard or Replicate placements first")
+    vocab = [i for i, p in enumerate(weight.placements) if _shard_dim(p, weight.dim()) == 0]
+    if len(vocab) > 1 or any(isinstance(p, Shard) and _shard_dim(p, weight.dim()) != 0
+                             for p in weight.placements):
+        raise ValueError(f"fusedloss.{what}: linear_weight must be sharded on its rows (the "
+                         f"vocabulary) along at most one mesh dimension, got "
+                         f"{weight.placements}")
+    if bias is not None and (not is_dtensor(bias) or bias.placements != weight.placements):
+        raise ValueError(f"fusedloss.{what}: linear_bias must be a DTensor placed as "
+                         f"linear_weight ({weight.placements})")
+    if x.device_mesh != mesh or any(isinstance(p, Shard) and _shard_dim(p, x.dim()) != 0
+                                    for p in x.placements):
+        raise ValueError(f"fusedloss.{what}: input must be a DTensor on linear_weight's mesh, "
+                         f"replicated or sharded on its rows, got {x.placements}")
+    replicate = [Replicate()] * mesh.ndim
+    # Rows sharded (sequence parallel): gathered; the backward of the redistribution hands
+    # each rank its rows' gradient back.
+    x_local = x.redistribute(mesh, replicate).to_local()
+    local = {}
+    for name, v in tensors.items():
+        if is_dtensor(v) and v.device_mesh == mesh and all(
+                isinstance(p, Replicate) or _shard_dim(p, v.dim()) == 0 for p in v.placements):
+            v = v.redistribute(mesh, replicate)  # rows sharded as the input's: gathered
+        local[name] = replicated_local(v, mesh, name, what)
+    group = mesh.get_group(vocab[0]) if vocab else None
+    out = fn(x_local, weight.to_local(), **local,
+             **dict(kwargs, linear_bias=bias.to_local() if bias is not None else None,
+                    process_group=group))
+    return _wrap(out, mesh)
 

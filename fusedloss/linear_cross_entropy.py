@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from . import _backends, _checks, _library, reference, vocab_parallel
+from . import _backends, _checks, _dtensor, _library, reference, vocab_parallel
 from ._library import Op, acc_dtype
 from ._linear import HeadGradients, default_chunk_size, row_chunks
 from .log_probs import LinearEntropy
@@ -212,11 +212,27 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     on one chunk size through a small exchange read on the host (on CUDA: pass chunk_size
     to spare that synchronisation).
 
+    DTensor head (tensor parallel): linear_weight (and linear_bias) Shard(0) along one mesh
+    dimension is vocab-parallel on that dimension's group; replicated, a local head. input
+    must then be a DTensor on the same mesh, replicated or sharded on its rows (sequence
+    parallel: gathered, its gradient returned sharded as it was); a plain input with a
+    DTensor weight is refused (an FSDP-sharded weight looks like a vocab-sharded one).
+    The outputs are replicated DTensors.
+
     Returns the loss, plus lse (detached) and the entropy (with its gradient: the backward
     then runs the chunks again for it, if it reaches the loss; detached for a K-dimensional
     loss or with a process_group), one per position, when asked, as
     fusedloss.cross_entropy does.
     """
+    if _dtensor.is_dtensor(input, linear_weight, linear_bias):
+        return _dtensor.call_head(
+            linear_cross_entropy, input, linear_weight, linear_bias, "linear_cross_entropy",
+            dict(target=target, weight=weight, token_weight=token_weight),
+            dict(reduction=reduction, ignore_index=ignore_index,
+                 label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                 logit_scale=logit_scale, return_lse=return_lse, return_entropy=return_entropy,
+                 chunk_size=chunk_size, options=options, process_group=process_group,
+                 backend=backend))
     # Under autocast the product runs in autocast's dtype, as F.linear's; the loss in float32.
     input, linear_weight, linear_bias = _library.autocast_operands(input, linear_weight,
                                                                    linear_bias)

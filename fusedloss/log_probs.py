@@ -40,7 +40,7 @@ import typing
 
 import torch
 
-from . import _backends, _checks, _library, reference, vocab_parallel
+from . import _backends, _checks, _dtensor, _library, reference, vocab_parallel
 from ._library import Op, acc_dtype
 from ._module import LossModule
 from ._linear import HeadGradients, default_chunk_size, row_chunks
@@ -391,8 +391,17 @@ def linear_log_probs(input, linear_weight, target, *, linear_bias=None, temperat
     three with is_top1), never the logits; the backward all-reduces grad_input. It runs
     torch ops (backend "auto" or "reference"); without chunk_size the ranks agree on one
     through a small exchange read on the host (on CUDA pass chunk_size to spare that
-    synchronisation). Higher-order gradients are not available there.
+    synchronisation). Higher-order gradients are not available there. A DTensor head
+    (linear_weight Shard(0) or replicated, input a DTensor on its mesh) works as in
+    linear_cross_entropy; the outputs are then replicated DTensors.
     """
+    if _dtensor.is_dtensor(input, linear_weight, linear_bias):  # as linear_cross_entropy's
+        return _dtensor.call_head(
+            linear_log_probs, input, linear_weight, linear_bias, "linear_log_probs",
+            dict(target=target, temperature=temperature),
+            dict(logit_scale=logit_scale, softcap=softcap, ignore_index=ignore_index,
+                 return_entropy=return_entropy, extras=extras, chunk_size=chunk_size,
+                 process_group=process_group, backend=backend))
     input, linear_weight, linear_bias = _library.autocast_operands(input, linear_weight,
                                                                    linear_bias)
     _checks.floating("input", input)

@@ -456,3 +456,55 @@ def _dtensor_cross_entropy(rank, world):
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_dtensor_cross_entropy(world):
     run_ranks(_dtensor_cross_entropy, world)
+
+
+def _dtensor_heads(rank, world):
+    """A DTensor LM head: weight (and bias) Shard(0) on the vocabulary or replicated, the
+    input replicated or sharded on its rows (sequence parallel). Loss, log-probs, entropy
+    and every gradient equal to one process; gradients placed as their tensors; a plain
+    input with a DTensor weight refused."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    n, d, v = 6, 5, {1: 7, 2: 5, 3: 4}[world]
+    x = torch.randn(n, d, dtype=torch.float64)
+    w = torch.randn(v, d, dtype=torch.float64) * 2
+    b = torch.randn(v, dtype=torch.float64)
+    t = torch.tensor([0, 1, 2, 3, -100, 1]) % v
+    t[4] = -100
+    g = torch.randn(n, dtype=torch.float64)
+    for w_place, x_place in ((Shard(0), Replicate()), (Shard(0), Shard(0)),
+                             (Replicate(), Replicate())):
+        leaves = [a.clone().requires_grad_() for a in (x, w, b)]
+        expected = fusedloss.linear_cross_entropy(leaves[0], leaves[1], t,
+                                                  linear_bias=leaves[2], label_smoothing=0.1,
+                                                  backend="reference")
+        lp = fusedloss.linear_log_probs(leaves[0], leaves[1], t, linear_bias=leaves[2],
+                                        return_entropy=True, backend="reference")
+        (expected + (lp.log_probs * g).sum() + lp.entropy.sum()).backward()
+        dx = distribute_tensor(x.clone(), mesh, [x_place]).requires_grad_()
+        dw = distribute_tensor(w.clone(), mesh, [w_place]).requires_grad_()
+        db = distribute_tensor(b.clone(), mesh, [w_place]).requires_grad_()
+        loss = fusedloss.linear_cross_entropy(dx, dw, t, linear_bias=db, label_smoothing=0.1)
+        out = fusedloss.linear_log_probs(dx, dw, t, linear_bias=db, return_entropy=True)
+        assert isinstance(loss, DTensor) and isinstance(out.entropy, DTensor)
+        g_d = distribute_tensor(g, mesh, [Replicate()])
+        (loss + (out.log_probs * g_d).sum() + out.entropy.sum()).backward()
+        assert_close(loss.full_tensor(), expected)
+        assert_close(out.log_probs.full_tensor(), lp.log_probs)
+        for ours, theirs, place in ((dx, leaves[0], x_place), (dw, leaves[1], w_place),
+                                    (db, leaves[2], w_place)):
+            assert ours.grad.placements == (place,)
+            assert_close(ours.grad.full_tensor(), theirs.grad)
+    dw = distribute_tensor(w, mesh, [Shard(0)])
+    with pytest.raises(ValueError, match="FSDP"):
+        fusedloss.linear_cross_entropy(x, dw, t)
+    with pytest.raises(ValueError, match="not both"):
+        fusedloss.linear_cross_entropy(distribute_tensor(x, mesh, [Replicate()]), dw, t,
+                                       process_group=dist.group.WORLD)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_dtensor_heads(world):
+    run_ranks(_dtensor_heads, world)
