@@ -101,3 +101,25 @@ class HeadGradients:
                 acc.zero_()
             if acc is not out:
                 out.copy_(acc)
+
+
+def in_forward_of(head, fn, input):
+    """fn(input, head.weight, head.bias) run as `head`'s forward: head(input) with its
+    forward replaced for the call. The hooks around a module's forward then see the head
+    used, as for head(input): FSDP2 (fully_shard) all-gathers its weight before and
+    reshards after, arms its backward to reduce-scatter the weight's gradient (and to
+    gather the weight again where the backward needs it); DeepSpeed ZeRO-3 and accelerate's
+    offload hooks gather and place it. The weight is read inside, where those hooks put it;
+    `head.weight.full_tensor()` outside would skip the data-parallel gradient reduction."""
+    if not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise TypeError(f"head must be a module with a weight (an nn.Linear LM head), got "
+                        f"{type(head).__name__}")
+    had = head.__dict__.get("forward")
+    head.forward = lambda x: fn(x, head.weight, getattr(head, "bias", None))
+    try:
+        return head(input)
+    finally:
+        if had is None:
+            del head.forward
+        else:
+            head.forward = had

@@ -27,7 +27,7 @@ import torch
 
 from . import _backends, _checks, _dtensor, _library, reference, vocab_parallel
 from ._library import Op, acc_dtype
-from ._linear import HeadGradients, default_chunk_size, row_chunks
+from ._linear import HeadGradients, default_chunk_size, in_forward_of, row_chunks
 from .log_probs import LinearEntropy
 from ._module import LossModule
 from .cross_entropy import (CROSS_ENTROPY, CROSS_ENTROPY_INPLACE, check_options,
@@ -279,6 +279,23 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                                       chunk_size)
     return with_extras(loss.to(_library.loss_dtype(input)), lse, entropy, o, return_lse,
                        return_entropy)
+
+
+def lm_head_cross_entropy(head, input, target, **options):
+    """linear_cross_entropy(input, head.weight, target, linear_bias=head.bias, **options)
+    computed inside `head`'s forward (head(input) runs it), so that FSDP2 (fully_shard),
+    DeepSpeed ZeRO-3 and accelerate gather the head's weight as they would for
+    head(input), and reduce its gradient as they would. Works for a plain nn.Linear too.
+
+    With FSDP2, reduced losses compute the head's gradients in the forward, so the
+    backward does not need the weight: reshard_after_forward=True frees it after the loss
+    at the cost of the all-gather FSDP2's pre-backward hook makes anyway; False keeps the
+    unsharded V x D weight alive until the backward (no second all-gather). reduction
+    "none" and a differentiated entropy recompute the chunks in the backward, which then
+    reads the weight FSDP2 gathered again.
+    """
+    return in_forward_of(head, lambda x, w, b: linear_cross_entropy(
+        x, w, target, linear_bias=b, **options), input)
 
 
 def _vocab_parallel(input, linear_weight, linear_bias, target, weight, token_weight, o,

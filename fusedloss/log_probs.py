@@ -43,7 +43,7 @@ import torch
 from . import _backends, _checks, _dtensor, _library, reference, vocab_parallel
 from ._library import Op, acc_dtype
 from ._module import LossModule
-from ._linear import HeadGradients, default_chunk_size, row_chunks
+from ._linear import HeadGradients, default_chunk_size, in_forward_of, row_chunks
 
 EXTRAS = ("lse", "log_sum_sq_probs", "mean_logits", "is_top1")
 # Bytes of one chunk of logits for linear_log_probs. Its four products per step dominate,
@@ -446,6 +446,17 @@ def linear_log_probs(input, linear_weight, target, *, linear_bias=None, temperat
         name, input=x.contiguous(), linear_weight=linear_weight.contiguous(),
         linear_bias=linear_bias.contiguous() if linear_bias is not None else None,
         chunk_size=chunk_size, **args), o)
+
+
+def lm_head_log_probs(head, input, target, **options):
+    """linear_log_probs(input, head.weight, target, linear_bias=head.bias, **options)
+    computed inside `head`'s forward, as fusedloss.lm_head_cross_entropy: FSDP2, DeepSpeed
+    ZeRO-3 and accelerate gather the weight and reduce its gradient as for head(input).
+    The backward recomputes the chunks, so it reads the weight FSDP2 gathers again before
+    it (reshard_after_forward=True: a second all-gather; False: the unsharded weight
+    stays alive from the forward to the backward)."""
+    return in_forward_of(head, lambda x, w, b: linear_log_probs(
+        x, w, target, linear_bias=b, **options), input)
 
 
 def _vocab_parallel(x, w, b, args, o, chunk_size, default_chunk, backend, group):

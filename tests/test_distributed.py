@@ -508,3 +508,57 @@ def _dtensor_heads(rank, world):
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_dtensor_heads(world):
     run_ranks(_dtensor_heads, world)
+
+
+# ------------------------------------------------------------------------------ FSDP2
+def _fsdp_training(rank, world, reshard, mixed):
+    """A tiny body and LM head under FSDP2 (fully_shard), each rank its own batch, the loss
+    from lm_head_cross_entropy plus an RL term from lm_head_log_probs: after 3 SGD steps
+    the weights equal single-process training on the concatenated batch (float64; bf16
+    mixed precision within bf16 rounding). Reading the sharded weight directly is refused."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh("cpu", (world,))
+    dtype = torch.float32 if mixed else torch.float64
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.ModuleDict(dict(body=torch.nn.Linear(8, 8), head=torch.nn.Linear(8, 11))
+                                   ).to(dtype)
+
+    def objective(m, x, t):
+        h = torch.tanh(m["body"](x))
+        lp = fusedloss.lm_head_log_probs(m["head"], h, t, return_entropy=True)
+        return fusedloss.lm_head_cross_entropy(m["head"], h, t) \
+            - 0.1 * (lp.log_probs.mean() + 0.5 * lp.entropy.mean())
+
+    torch.manual_seed(1)
+    xs = torch.randn(world, 6, 8, dtype=dtype)
+    ts = torch.randint(0, 11, (world, 6))
+    ref = model()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        objective(ref, xs.flatten(0, 1), ts.flatten()).backward()
+        opt.step()
+    ours = model()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if mixed else MixedPrecisionPolicy()
+    for part in (ours["head"], ours["body"]):  # (a ModuleDict has no forward to wrap)
+        fully_shard(part, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+    opt = torch.optim.SGD(ours.parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        objective(ours, xs[rank], ts[rank]).backward()
+        opt.step()
+    tol = dict(rtol=3e-2, atol=3e-2) if mixed else {}
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.full_tensor(), q.detach(), msg=name, **tol)
+    with pytest.raises(ValueError, match="FSDP"):
+        fusedloss.linear_cross_entropy(xs[rank], ours["head"].weight, ts[rank])
+
+
+@pytest.mark.parametrize("reshard,mixed", [(True, False), (False, False), (True, True)],
+                         ids=["reshard", "keep", "bf16"])
+def test_fsdp2_lm_head(reshard, mixed):
+    run_ranks(_fsdp_training, 2, reshard, mixed)
