@@ -12,8 +12,9 @@ positions, or their sum divided by `num_items_in_batch` when that is given (as T
 under gradient accumulation).
 
 fused_linear=True (default): a forward given `labels` computes the loss with
-fusedloss.linear_cross_entropy from the decoder's last hidden state and the LM head's
-weight (and bias, if any), so the logits are never computed. It honours the model's own
+fusedloss.lm_head_cross_entropy from the decoder's last hidden state and the LM head's
+weight (and bias, if any), inside the head's own forward (so FSDP2, DeepSpeed ZeRO-3 and
+accelerate gather the head as for head(x)), and the logits are never computed. It honours the model's own
 final-logit softcapping (Gemma 2's `config.final_logit_softcapping`), tied embeddings (the
 head's weight is the tied tensor) and autocast (the head then runs in the autocast dtype,
 as nn.Linear would). How: the model's own forward runs without the labels and with
@@ -161,15 +162,16 @@ def _linear_loss(model, hidden, labels, call):
     ignore_index = call.get("ignore_index", -100)
     target = _shifted_targets(labels, call.get("shift_labels"), ignore_index).to(hidden.device)
     head = model.get_output_embeddings()
-    x, weight, bias = hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias
-    options = dict(linear_bias=bias, ignore_index=ignore_index,
+    x = hidden.reshape(-1, hidden.shape[-1])
+    options = dict(ignore_index=ignore_index,
                    softcap=getattr(model.config, "final_logit_softcapping", None),
                    **model.__dict__[_STATE]["options"])
-    # Under autocast the head's product runs in the autocast dtype, as nn.Linear would
-    # (fusedloss follows torch's autocast policy); the loss is float32 either way.
+    # Inside the head's forward (lm_head_cross_entropy): FSDP2, ZeRO-3 and accelerate
+    # gather its weight and reduce its gradient as for head(x). Under autocast the head's
+    # product runs in the autocast dtype, as nn.Linear would; the loss is float32 either way.
     with _float32_loss(x):
-        return _reduced(lambda reduction: fusedloss.linear_cross_entropy(
-            x, weight, target, reduction=reduction, **options), call.get("num_items_in_batch"))
+        return _reduced(lambda reduction: fusedloss.lm_head_cross_entropy(
+            head, x, target, reduction=reduction, **options), call.get("num_items_in_batch"))
 
 
 # ------------------------------------------------------------------------ the forward
