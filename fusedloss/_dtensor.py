@@ -7,6 +7,9 @@ kernels. The slice offsets are those of the local tensors in rank order (DTensor
 torch.chunk layout, the last slices possibly smaller or empty): nothing is exchanged to
 find them. Nothing here knows a loss: the loss passes itself (fn) in.
 """
+import torch
+import torch.distributed as dist
+
 try:
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 except ImportError:  # a torch without torch.distributed
@@ -22,24 +25,27 @@ def _shard_dim(placement, ndim):
 
 
 def class_group(x, class_dim, what):
-    """(mesh, the process group of the mesh dimension sharding x's classes, or None).
-    Refuses what the loss cannot compute exactly: partial logits, the classes sharded on
-    two mesh dimensions, and other dimensions sharded (not yet supported)."""
+    """(mesh, the process group of the mesh dimension sharding x's classes or None, the
+    mesh dimensions sharding its batch, dimension 0). Refuses what the loss cannot compute
+    exactly: partial logits, the classes sharded on two mesh dimensions, other dimensions
+    sharded."""
     mesh, placements = x.device_mesh, x.placements
     if any(isinstance(p, Partial) for p in placements):
         raise ValueError(f"fusedloss.{what}: the input is a Partial DTensor (pending sums); "
                          "redistribute it to Shard or Replicate placements first")
-    sharding = [i for i, p in enumerate(placements) if _shard_dim(p, x.dim()) == class_dim]
+    dims = [_shard_dim(p, x.dim()) for p in placements]
+    sharding = [i for i, d in enumerate(dims) if d == class_dim]
     if len(sharding) > 1:
         raise ValueError(f"fusedloss.{what}: the input's classes are sharded on mesh "
                          f"dimensions {sharding}; shard them on one mesh dimension")
-    other = [p for p in placements if isinstance(p, Shard) and
-             _shard_dim(p, x.dim()) != class_dim]
+    batch = [i for i, d in enumerate(dims) if d == 0 and class_dim != 0]
+    other = [placements[i] for i, d in enumerate(dims)
+             if d is not None and d != class_dim and i not in batch]
     if other:
         raise NotImplementedError(f"fusedloss.{what}: a DTensor input sharded on a "
-                                  f"dimension other than the classes ({other}) is not "
-                                  "supported yet; replicate it on that mesh dimension")
-    return mesh, (mesh.get_group(sharding[0]) if sharding else None)
+                                  f"dimension other than the batch and the classes ({other}) "
+                                  "is not supported yet; replicate it on that mesh dimension")
+    return mesh, (mesh.get_group(sharding[0]) if sharding else None), batch
 
 
 def replicated_local(value, mesh, name, what):
@@ -53,18 +59,54 @@ def replicated_local(value, mesh, name, what):
     return value.to_local()
 
 
-def call(fn, x, class_dim, what, tensors, kwargs):
+def _local(value, mesh, name, what, rows):
+    """A DTensor argument as its local tensor: replicated, or, for the per-position
+    arguments (`rows`: the batch's mesh dimensions), sharded on its dimension 0 as the
+    input's batch; a plain tensor as it is (for a sharded batch: this rank's rows)."""
+    if not is_dtensor(value) or not rows:
+        return replicated_local(value, mesh, name, what)
+    want = tuple(Shard(0) if i in rows else Replicate() for i in range(mesh.ndim))
+    if value.device_mesh != mesh or tuple(value.placements) != want:
+        raise ValueError(f"fusedloss.{what}: {name} must be placed as the input's batch, "
+                         f"{want}, got {value.placements}")
+    return value.to_local()
+
+
+def call(fn, x, class_dim, what, tensors, kwargs, per_position=(), denominator=None):
     """fn(local x, **tensors as local tensors, **kwargs) with the process group of the
-    class-sharding mesh dimension, its tensor outputs wrapped as replicated DTensors."""
+    class-sharding mesh dimension. Its outputs as DTensors: a reduced loss replicated (the
+    mean divided by the global denominator: `denominator(**local tensors)` summed over the
+    batch's mesh dimensions), per-position outputs sharded as the batch."""
     if not is_dtensor(x):
         raise TypeError(f"fusedloss.{what}: the input must be a DTensor when another "
                         "argument is one")
     if kwargs.get("process_group") is not None:
         raise ValueError(f"fusedloss.{what}: pass a DTensor input or a process_group, not "
                          "both (the DTensor's mesh names the group)")
-    mesh, group = class_group(x, class_dim, what)
-    local = {name: replicated_local(v, mesh, name, what) for name, v in tensors.items()}
-    return _wrap(fn(x.to_local(), **local, **dict(kwargs, process_group=group)), mesh)
+    mesh, group, batch = class_group(x, class_dim, what)
+    local = {name: _local(v, mesh, name, what, batch if name in per_position else ())
+             for name, v in tensors.items()}
+    reduction = kwargs.get("reduction", "mean")
+    if not batch:
+        return _wrap(fn(x.to_local(), **local, **dict(kwargs, process_group=group)), mesh)
+    out = fn(x.to_local(), **local, **dict(kwargs, process_group=group,
+                                           reduction="sum" if reduction == "mean" else reduction))
+    outs = list(out) if isinstance(out, tuple) else [out]
+    rows = [Shard(0) if i in batch else Replicate() for i in range(mesh.ndim)]
+    if reduction != "none":
+        loss = outs[0]
+        if reduction == "mean":  # the global denominator: a few numbers cross ranks
+            total = torch.as_tensor(denominator(**local), dtype=loss.dtype,
+                                    device=loss.device).clone()
+            for i in batch:
+                dist.all_reduce(total, group=mesh.get_group(i))
+            loss = loss / total
+        partial = [Partial() if i in batch else Replicate() for i in range(mesh.ndim)]
+        outs[0] = DTensor.from_local(loss, mesh, partial).redistribute(
+            mesh, [Replicate()] * mesh.ndim)
+    outs[1 if reduction != "none" else 0:] = [
+        DTensor.from_local(t, mesh, rows) for t in outs[1 if reduction != "none" else 0:]]
+    return tuple(outs) if isinstance(out, tuple) else outs[0]
 
 
 def _wrap(out, mesh):

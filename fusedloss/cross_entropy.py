@@ -127,6 +127,17 @@ def class_index_weights(target_rows, weight, ignore_index, token_weight=None):
     return w * token_weight if token_weight is not None else w
 
 
+def mean_denominator(target, weight, token_weight, ignore_index, n_classes):
+    """The mean's denominator over these positions, as cross_entropy divides by it: the
+    counted positions' class weights (and token weights); for probability targets the
+    positions (or their token weights)."""
+    if target.is_floating_point():
+        return token_weight.sum() if token_weight is not None else target.numel() // n_classes
+    counted = class_index_weights(target, weight, -100 if ignore_index is None else ignore_index,
+                                  token_weight)
+    return counted.sum()
+
+
 class _InplaceCrossEntropy(torch.autograd.Function):
     """inplace_backward=True: the op writes the gradient over the logits buffer, so fwd+bwd
     needs no memory beyond the logits. The version counter is bumped, so any earlier op
@@ -296,9 +307,11 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     the class dimension along one mesh dimension, it runs the vocab-parallel path above on
     that dimension's group (the slices are the local tensors, in rank order: uneven and
     empty ones work); replicated, the local kernels. target, weight and token_weight may
-    be plain tensors or replicated DTensors. The outputs are replicated DTensors. Partial
-    logits, or classes sharded on two mesh dimensions, are refused; other sharded
-    dimensions are not supported yet.
+    be plain tensors or replicated DTensors. Other mesh dimensions may shard the batch
+    (dimension 0; target and token_weight then placed as the batch): the mean divides by
+    the global denominator, whatever the mesh's dimensions. A reduced loss comes back as a
+    replicated DTensor, per-position outputs sharded as the batch. Partial logits, classes
+    sharded on two mesh dimensions, and other sharded dimensions are refused.
 
     Returns the loss, or (loss, lse), (loss, entropy) or (loss, lse, entropy) as asked.
     """
@@ -310,7 +323,10 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
                  label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                  logit_scale=logit_scale, return_lse=return_lse, return_entropy=return_entropy,
                  inplace_backward=inplace_backward, process_group=process_group,
-                 backend=backend))
+                 backend=backend),
+            per_position=("target", "token_weight"),
+            denominator=lambda target, weight, token_weight: mean_denominator(
+                target, weight, token_weight, ignore_index, input.shape[1]))
     class_dim, _ = _checks.class_input(input)
     o = check_options(input, target, weight, token_weight, input.shape, class_dim, reduction,
                       ignore_index, label_smoothing, logit_scale, softcap, z_loss,

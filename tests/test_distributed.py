@@ -562,3 +562,41 @@ def _fsdp_training(rank, world, reshard, mixed):
                          ids=["reshard", "keep", "bf16"])
 def test_fsdp2_lm_head(reshard, mixed):
     run_ranks(_fsdp_training, 2, reshard, mixed)
+
+
+def _dtensor_batch_sharded(rank, world):
+    """Logits sharded on the batch too: a 2 x 2 mesh (Shard(0), Shard(1)) on 4 ranks, and
+    the batch alone on 2. The mean divides by the global denominator (class weights and
+    ignored targets make it differ from any local one); "none" rows come back sharded as
+    the batch; gradients equal to one process."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    shape = (2, 2) if world == 4 else (world,)
+    mesh = init_device_mesh("cpu", shape)
+    placements = [Shard(0), Shard(1)] if world == 4 else [Shard(0)]
+    row_place = [Shard(0), Replicate()] if world == 4 else [Shard(0)]
+    torch.manual_seed(0)
+    x = torch.randn(8, 5, dtype=torch.float64) * 2
+    t = torch.randint(0, 5, (8,))
+    t[[1, 2, 3]] = -100  # unevenly ignored across the batch shards
+    weight = torch.rand(5, dtype=torch.float64) + 0.5
+    for reduction in ("mean", "sum", "none"):
+        full = x.clone().requires_grad_()
+        expected = fusedloss.cross_entropy(full, t, weight=weight, label_smoothing=0.1,
+                                           reduction=reduction, backend="reference")
+        upstream = torch.rand_like(expected) + 0.5
+        (expected * upstream).sum().backward()
+        dx = distribute_tensor(x.clone(), mesh, placements).requires_grad_()
+        dt = distribute_tensor(t, mesh, row_place)
+        loss = fusedloss.cross_entropy(dx, dt, weight=weight, label_smoothing=0.1,
+                                       reduction=reduction)
+        want = tuple(row_place) if reduction == "none" else (Replicate(),) * len(shape)
+        assert tuple(loss.placements) == want
+        (loss * distribute_tensor(upstream, mesh, list(want))).sum().backward()
+        assert_close(loss.full_tensor(), expected)
+        assert_close(dx.grad.full_tensor(), full.grad)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_dtensor_batch_sharded(world):
+    run_ranks(_dtensor_batch_sharded, world)
