@@ -1,10 +1,8 @@
 """fusedloss.integrations.verl: the drop-in for verl's linear_cross_entropy against the
 formula, against verl's own pure-torch FusedLinearForPPOFunction where verl is installed,
 and apply() / restore() at verl's hook points."""
-import importlib.util
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +10,7 @@ import torch.nn.functional as F
 
 import fusedloss.integrations.verl as fl_verl
 from conftest import assert_close
+from fusedloss.benchmarks.providers import verl_module
 
 
 def formula(hidden, weight, labels, temperature=1.0, bias=None):
@@ -58,22 +57,8 @@ def test_refusals():
         fl_verl.linear_cross_entropy(h, w, t, dist_process_group=object())
 
 
-def _verls_torch_functional():
-    """verl's own torch_functional.py, loaded from the installed package without importing
-    verl itself (its __init__ needs ray); None where verl is not installed."""
-    spec = importlib.util.find_spec("verl")
-    if spec is None:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / "utils" / "experimental" / \
-        "torch_functional.py"
-    module_spec = importlib.util.spec_from_file_location("_verl_torch_functional", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
-
-
 def test_same_as_verls_fused_linear_for_ppo():
-    verl = _verls_torch_functional()
+    verl = verl_module("utils.experimental.torch_functional")  # verl's own file
     if verl is None:
         pytest.skip("verl is not installed")
     torch.manual_seed(0)
