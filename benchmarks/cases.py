@@ -45,6 +45,7 @@ class Case:
     world: int = 1                 # > 1: that many gloo ranks (benchmarks/distributed.py)
     exchange: str = ""             # info_nce across ranks: "all_gather" or "ring"
     beta: float = 0.5              # jsd, linear_jsd: 0 forward KL, 1 reverse KL
+    threads: int = 0               # > 0: torch's CPU threads (default: all; per rank: a share)
     # The providers a suite runs on this case unless --providers names others (names as
     # --providers takes them); empty: every default provider. Not part of the case's
     # identity: the same case in two suites is one case.
@@ -68,6 +69,8 @@ class Case:
             parts.append(f"beta={self.beta:g}")
         if self.world > 1:
             parts.append(f"P={self.world}" + (f" {self.exchange}" if self.exchange else ""))
+        if self.threads:
+            parts.append(f"T={self.threads}")
         return " ".join(parts)
 
     def loss_kwargs(self):
@@ -214,7 +217,9 @@ class LlamaStep(Case):
 #          CPU cores); on a GPU the sizes the kernels are tuned for;
 #   large  size sweeps on top of that.
 # Sweeps with >= 3 sizes get plots of time and memory against that size.
-SUITE_NAMES = ("first", "full", "large")
+#   parallel  the vocab-parallel target: per rank of P=2 (one thread each) against one
+#          process (one thread) on one rank's slice of the classes.
+SUITE_NAMES = ("first", "full", "large", "parallel")
 FIRST_PROVIDERS = ("fusedloss", "torch")
 # Past one device, on this machine's cores (gloo ranks): vocab-parallel cross-entropy
 # (N x V split over the ranks) and InfoNCE at a fixed batch per rank, as P grows.
@@ -261,6 +266,11 @@ SUITES = {
         *_grid("linear_log_probs", [4096], [32000], ["float32", "bfloat16"], d=512),
         *DISTRIBUTED,
         LlamaStep("llama_step", 8 * 512, 32000, d=256),  # end to end: one training step
+    ],
+    ("cpu", "parallel"): [
+        Case("cross_entropy", 4096, 16000, threads=1, providers=("fusedloss-cpu", "torch")),
+        Case("cross_entropy", 4096, 32000, world=2, providers=(
+            "fusedloss-dist", "fusedloss-dist-reference", "gather")),
     ],
     ("cpu", "large"): [
         *_grid("cross_entropy", [1024], [8192, 16384, 32000, 65536, 128256], ["float32"]),

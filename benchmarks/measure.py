@@ -173,6 +173,8 @@ def run_case(case, providers, device, repeats, warmup, send):
     provider and send(("row", row)) after it."""
     device = torch.device(device)
     torch.manual_seed(0)
+    if case.threads:
+        torch.set_num_threads(case.threads)
     try:
         inputs = case.make_inputs(device)
     except Exception as exc:

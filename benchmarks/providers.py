@@ -303,14 +303,14 @@ def _always(device_type, case):
 
 
 # ---------------------------------------------------------------- past one device
-def _dist_fusedloss(case):
+def _dist_fusedloss(backend, case):
     import torch.distributed as dist
 
     import fusedloss
     group = dist.group.WORLD
     if case.loss == "cross_entropy":
         return functools.partial(fusedloss.cross_entropy, process_group=group,
-                                 **case.loss_kwargs())
+                                 backend=backend, **case.loss_kwargs())
     fn = fusedloss.siglip_loss if case.loss == "siglip" else fusedloss.info_nce
     return functools.partial(fn, process_group=group, exchange=case.exchange,
                              **case.loss_kwargs())
@@ -352,6 +352,12 @@ def _dist_unavailable(device_type, case):
     if device_type != "cpu":
         return "the distributed cases run gloo ranks on this machine's CPU cores"
     return None
+
+
+def _dist_reference_unavailable(device_type, case):
+    if case.loss != "cross_entropy":
+        return "the vocab-parallel cross-entropy only"
+    return _dist_unavailable(device_type, case)
 
 
 # ---------------------------------------------------------------- end to end: a training step
@@ -402,7 +408,11 @@ PROVIDERS = [
     Provider("verl-triton", _verl_triton, _verl_triton_unavailable),
     Provider("cut-cross-entropy", _cce, _cce_unavailable),
     # Over `world` gloo ranks: fusedloss's process_group path, and gathering everything.
-    Provider("fusedloss-dist", _dist_fusedloss, _dist_unavailable, distributed=True),
+    Provider("fusedloss-dist", functools.partial(_dist_fusedloss, "auto"), _dist_unavailable,
+             distributed=True),
+    # The same algorithm in torch ops (cross-entropy only; not by default).
+    Provider("fusedloss-dist-reference", functools.partial(_dist_fusedloss, "reference"),
+             _dist_reference_unavailable, distributed=True, default=False),
     Provider("gather", _dist_gather, _dist_unavailable, distributed=True),
     # One training step of a small Llama, its loss three ways (llama.PATCHES).
     *[Provider(name, functools.partial(llama.runner_step, patch=name),

@@ -10,6 +10,8 @@ find them. Nothing here knows a loss: the loss passes itself (fn) in.
 import torch
 import torch.distributed as dist
 
+from .vocab_parallel import Slice
+
 try:
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 except ImportError:  # a torch without torch.distributed
@@ -33,6 +35,12 @@ def class_group(x, class_dim, what):
     if any(isinstance(p, Partial) for p in placements):
         raise ValueError(f"fusedloss.{what}: the input is a Partial DTensor (pending sums); "
                          "redistribute it to Shard or Replicate placements first")
+    odd = [p for p in placements if type(p) not in (Shard, Replicate)]
+    if odd:  # e.g. _StridedShard, which flattening a sequence-sharded tensor gives
+        raise NotImplementedError(
+            f"fusedloss.{what}: the input's placements {odd} are not supported: only Shard "
+            "and Replicate (flattening a (B, T, V) tensor sharded on T gives a strided "
+            "sharding; redistribute it, or flatten the local tensors)")
     dims = [_shard_dim(p, x.dim()) for p in placements]
     sharding = [i for i, d in enumerate(dims) if d == class_dim]
     if len(sharding) > 1:
@@ -46,6 +54,21 @@ def class_group(x, class_dim, what):
                                   f"dimension other than the batch and the classes ({other}) "
                                   "is not supported yet; replicate it on that mesh dimension")
     return mesh, (mesh.get_group(sharding[0]) if sharding else None), batch
+
+
+def class_slice(x, class_dim, mesh, group, dim, reduce_input_grad=True):
+    """The vocab-parallel slice of this rank's local tensor, from the spec alone (no
+    exchange, no host read): DTensor's Shard splits V in chunks of ceil(V / P), in rank
+    order, the last ones possibly smaller or empty."""
+    if group is None:
+        return None
+    v, world = x.shape[class_dim], mesh.size(dim)
+    chunk = -(-v // world)
+    offset = min(mesh.get_local_rank(dim) * chunk, v)
+    n_local = x.to_local().shape[class_dim]
+    if n_local != max(0, min(chunk, v - offset)):  # not torch.chunk's layout: ask the ranks
+        return group
+    return Slice(group, offset, v, n_local, reduce_input_grad)
 
 
 def replicated_local(value, mesh, name, what):
@@ -72,6 +95,13 @@ def _local(value, mesh, name, what, rows):
     return value.to_local()
 
 
+def _placed_as(value, x):
+    """A DTensor of x's shape, mesh and placements (probability targets sharded as the
+    logits): its local tensor is this rank's slice of x's."""
+    return is_dtensor(value) and value.shape == x.shape and value.device_mesh == x.device_mesh \
+        and tuple(value.placements) == tuple(x.placements)
+
+
 def call(fn, x, class_dim, what, tensors, kwargs, per_position=(), denominator=None):
     """fn(local x, **tensors as local tensors, **kwargs) with the process group of the
     class-sharding mesh dimension. Its outputs as DTensors: a reduced loss replicated (the
@@ -84,7 +114,11 @@ def call(fn, x, class_dim, what, tensors, kwargs, per_position=(), denominator=N
         raise ValueError(f"fusedloss.{what}: pass a DTensor input or a process_group, not "
                          "both (the DTensor's mesh names the group)")
     mesh, group, batch = class_group(x, class_dim, what)
-    local = {name: _local(v, mesh, name, what, batch if name in per_position else ())
+    dim = next((i for i, p in enumerate(x.placements)
+                if _shard_dim(p, x.dim()) == class_dim), None)
+    group = class_slice(x, class_dim, mesh, group, dim)
+    local = {name: v.to_local() if _placed_as(v, x) else
+             _local(v, mesh, name, what, batch if name in per_position else ())
              for name, v in tensors.items()}
     reduction = kwargs.get("reduction", "mean")
     if not batch:
@@ -154,16 +188,23 @@ def call_head(fn, x, weight, bias, what, tensors, kwargs):
         raise ValueError(f"fusedloss.{what}: input must be a DTensor on linear_weight's mesh, "
                          f"replicated or sharded on its rows, got {x.placements}")
     replicate = [Replicate()] * mesh.ndim
-    # Rows sharded (sequence parallel): gathered; the backward of the redistribution hands
-    # each rank its rows' gradient back.
-    x_local = x.redistribute(mesh, replicate).to_local()
+    group, grad_placements = None, replicate
+    if vocab:
+        group = class_slice(weight, 0, mesh, mesh.get_group(vocab[0]), vocab[0],
+                            reduce_input_grad=False)
+        if isinstance(group, Slice):  # grad_input: each rank's share, pending their sum
+            grad_placements = [Partial() if i == vocab[0] else Replicate()
+                               for i in range(mesh.ndim)]
+    # Rows sharded (sequence parallel): gathered. The backward of the redistribution sums
+    # the ranks' shares of grad_input into each rank's rows: a reduce-scatter (for a
+    # replicated input an all-reduce).
+    x_local = x.redistribute(mesh, replicate).to_local(grad_placements=grad_placements)
     local = {}
     for name, v in tensors.items():
         if is_dtensor(v) and v.device_mesh == mesh and all(
                 isinstance(p, Replicate) or _shard_dim(p, v.dim()) == 0 for p in v.placements):
             v = v.redistribute(mesh, replicate)  # rows sharded as the input's: gathered
         local[name] = replicated_local(v, mesh, name, what)
-    group = mesh.get_group(vocab[0]) if vocab else None
     out = fn(x_local, weight.to_local(), **local,
              **dict(kwargs, linear_bias=bias.to_local() if bias is not None else None,
                     process_group=group))

@@ -118,6 +118,15 @@ def in_forward_of(head, fn, input):
     head.forward = lambda x: fn(x, head.weight, getattr(head, "bias", None))
     try:
         return head(input)
+    except AssertionError as e:  # torch's tensor-parallel output hook, on the scalar loss
+        if not getattr(head, "_distribute_module_applied", False):
+            raise
+        raise ValueError(
+            "the head is tensor-parallel and its output hook redistributes what its forward "
+            "returns, here the loss, to the logits' layout (ColwiseParallel's default "
+            "output_layouts=Shard(-1)), which a loss does not have: parallelize the head "
+            "with ColwiseParallel(output_layouts=Replicate()) (the fused loss never makes "
+            "the logits, so nothing is gathered)") from e
     finally:
         if had is None:
             del head.forward

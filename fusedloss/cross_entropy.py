@@ -127,12 +127,13 @@ def class_index_weights(target_rows, weight, ignore_index, token_weight=None):
     return w * token_weight if token_weight is not None else w
 
 
-def mean_denominator(target, weight, token_weight, ignore_index, n_classes):
+def mean_denominator(target, weight, token_weight, ignore_index):
     """The mean's denominator over these positions, as cross_entropy divides by it: the
     counted positions' class weights (and token weights); for probability targets the
     positions (or their token weights)."""
-    if target.is_floating_point():
-        return token_weight.sum() if token_weight is not None else target.numel() // n_classes
+    if target.is_floating_point():  # classes on dimension 1 (0 for one position)
+        shape = target.shape[1:] if target.dim() == 1 else target.shape[:1] + target.shape[2:]
+        return token_weight.sum() if token_weight is not None else math.prod(shape)
     counted = class_index_weights(target, weight, -100 if ignore_index is None else ignore_index,
                                   token_weight)
     return counted.sum()
@@ -298,9 +299,10 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
                    rank order (slices may differ in size); target (global class indices,
                    or this slice's probabilities), weight (all the classes') and the rest
                    keep their meaning. Every rank returns the same loss, and the gradient of
-                   its slice; per row only a few numbers cross ranks. See
-                   fusedloss/vocab_parallel.py (it runs torch ops, so backend must be "auto" or
-                   "reference"; no inplace_backward, no higher-order gradients).
+                   its slice; per row only a few numbers cross ranks, and each rank runs
+                   the chosen backend's kernels on its slice: one pass for the statistics,
+                   one for the gradient (fusedloss/vocab_parallel.py). No higher-order
+                   gradients there.
       backend      "auto", "reference", "triton", "cuda" or "cpu".
 
     DTensor input (tensor parallel, e.g. a ColwiseParallel LM head's logits): sharded on
@@ -326,7 +328,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
                  backend=backend),
             per_position=("target", "token_weight"),
             denominator=lambda target, weight, token_weight: mean_denominator(
-                target, weight, token_weight, ignore_index, input.shape[1]))
+                target, weight, token_weight, ignore_index))
     class_dim, _ = _checks.class_input(input)
     o = check_options(input, target, weight, token_weight, input.shape, class_dim, reduction,
                       ignore_index, label_smoothing, logit_scale, softcap, z_loss,
@@ -363,26 +365,19 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
                        return_entropy)
 
 
-def check_process_group_backend(backend, what):
-    if backend not in ("auto", "reference"):
-        raise ValueError(f"fusedloss.{what}: with a process_group the loss runs torch ops and "
-                         f"the group's collectives (fusedloss/vocab_parallel.py), so backend must be "
-                         f"'auto' or 'reference', got {backend!r}")
-
-
 def _vocab_parallel(input, target, weight, token_weight, class_dim, o, return_lse,
                     return_entropy, inplace_backward, backend, group):
-    check_process_group_backend(backend, "cross_entropy")
-    if inplace_backward:
-        raise ValueError("inplace_backward is not available with a process_group")
     if o.needs_reference:
         raise ValueError(f"{o.needs_reference} is not available with a process_group")
     x = as_bcs(input, class_dim)
     target_k = as_bcs(target.to(input.dtype), class_dim) if o.prob_target \
         else target.reshape(x.shape[0], x.shape[2]).long()
     k = kernel_args(o, target_k, weight, token_weight, input)
-    loss, lse, entropy = vocab_parallel.cross_entropy(x, target_k, weight, k["row_weight"],
-                                                     k["loss_scale"], o, return_entropy, group)
+    inplace = inplace_backward and input.requires_grad and torch.is_grad_enabled() and \
+        not torch.compiler.is_compiling() and not _library.reusable_graph_active()
+    loss, lse, entropy = vocab_parallel.cross_entropy(
+        x, target_k, weight, k["row_weight"], k["loss_scale"], o, return_entropy, group,
+        inplace=inplace, backend=backend)
     return with_extras(loss.to(_library.loss_dtype(input)), lse, entropy, o, return_lse,
                        return_entropy)
 

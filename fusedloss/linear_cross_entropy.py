@@ -31,7 +31,7 @@ from ._linear import HeadGradients, default_chunk_size, in_forward_of, row_chunk
 from .log_probs import LinearEntropy
 from ._module import LossModule
 from .cross_entropy import (CROSS_ENTROPY, CROSS_ENTROPY_INPLACE, check_options,
-                            check_process_group_backend, kernel_args, with_extras)
+                            kernel_args, with_extras)
 
 # ------------------------------------------------------------------------------ the op
 def _n_rows(a):
@@ -207,10 +207,10 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     order, input is the same on every rank, target holds global class indices; every rank
     returns the same loss, and the backward all-reduces grad_input so that each rank gets
     the whole gradient of the replicated input (as Megatron's column-parallel head). The
-    logits stay chunked, the chunks' statistics crossing ranks (a few numbers per row);
-    it runs torch ops (backend "auto" or "reference"). Without chunk_size, the ranks agree
-    on one chunk size through a small exchange read on the host (on CUDA: pass chunk_size
-    to spare that synchronisation).
+    logits stay chunked on each rank, which runs the chosen backend's log-probs kernels
+    over its rows of the head (one pass for the statistics, one for the gradients); a few
+    numbers per row cross ranks, once for all the chunks (fusedloss/vocab_parallel.py). A
+    K-dimensional head is not supported there.
 
     DTensor head (tensor parallel): linear_weight (and linear_bias) Shard(0) along one mesh
     dimension is vocab-parallel on that dimension's group; replicated, a local head. input
@@ -300,19 +300,21 @@ def lm_head_cross_entropy(head, input, target, **options):
 
 def _vocab_parallel(input, linear_weight, linear_bias, target, weight, token_weight, o,
                     chunk_size, return_lse, return_entropy, backend, group):
-    check_process_group_backend(backend, "linear_cross_entropy")
     if o.needs_reference:
         raise ValueError(f"{o.needs_reference} is not available with a process_group")
+    if linear_weight.dim() > 2:
+        raise NotImplementedError("linear_cross_entropy: a K-dimensional head (linear_weight "
+                                  "(C, d1, ..., dK, D)) is not supported with a process_group")
     x = input.reshape(-1, input.shape[-1])
-    n_classes = linear_weight.shape[0]
-    w = linear_weight.reshape(-1, input.shape[-1])
-    b = linear_bias.reshape(-1) if linear_bias is not None else None
-    positions = math.prod(linear_weight.shape[1:-1])  # from the shape: a slice may be empty
     target_k = target.to(input.dtype) if o.prob_target else target.reshape(-1).long()
     k = kernel_args(o, target_k, weight, token_weight, input)
+    chunk_size = chunk_size or default_chunk_size(x.shape[0], x.shape[1],
+                                                  linear_weight.shape[0], input.dtype,
+                                                  input.device.type)
     loss, lse, entropy = vocab_parallel.linear_cross_entropy(
-        x, w, b, target_k, weight, k["row_weight"], k["loss_scale"], o, n_classes, positions,
-        chunk_size, return_entropy, group)
+        x, linear_weight, linear_bias, target_k.view(x.shape[0], -1) if o.prob_target
+        else target_k, weight, k["row_weight"], k["loss_scale"], o, chunk_size,
+        return_entropy, group, backend=backend)
     return with_extras(loss.to(_library.loss_dtype(input)), lse, entropy, o, return_lse,
                        return_entropy)
 

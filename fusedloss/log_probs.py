@@ -19,8 +19,9 @@ chunk of rows at a time), with the row's inverse temperature a = 1 / T_r:
     is_top1          = t is the first index of max_c z_c
 
   backward, with g and h the upstream gradients of log_probs and entropy (each absent
-  term costs nothing), H the entropy:
-    dz_c = g ([c == t] - p_c) - h p_c (z_c - lse + H)
+  term costs nothing), H the entropy, and (internal: the vocab-parallel losses) k and u
+  those of lse and mean_logits:
+    dz_c = g ([c == t] - p_c) - h p_c (z_c - lse + H) + k p_c + u / V
     dx_c = dz_c a logit_scale (1 - (y_c / softcap)^2)       (the last factor: softcap only)
 
 A row whose target is ignore_index has every output 0 (is_top1 False) and a zero
@@ -35,7 +36,6 @@ gradients are unknown at forward time, so nothing of the size of the logits is k
 linear_log_probs therefore runs four matrix products in all (the floor): the chunk's
 logits in the forward, again in the backward, and the two gradient products.
 """
-import functools
 import typing
 
 import torch
@@ -76,7 +76,10 @@ _WANT_NAMES = ("compute_entropy", "compute_log_sum_sq", "compute_mean", "compute
 _WANT = ", ".join(f"bool {name}" for name in _WANT_NAMES)
 _OUTPUTS = ("Tensor log_probs, Tensor entropy, Tensor lse, Tensor log_sum_sq_probs, "
             "Tensor mean_logits, Tensor is_top1")
-_GRADS = "Tensor lse, Tensor? entropy, Tensor? grad_log_probs, Tensor? grad_entropy"
+# grad_lse and grad_mean_logits: upstream gradients of lse (d lse / d z_c = p_c) and of
+# mean_logits (1 / V), which the vocab-parallel losses (fusedloss/vocab_parallel.py) use.
+_GRADS = ("Tensor lse, Tensor? entropy, Tensor? grad_log_probs, Tensor? grad_entropy, "
+          "Tensor? grad_lse, Tensor? grad_mean_logits")
 
 
 def _row_outputs(a, n, like):
@@ -120,7 +123,8 @@ def _backward(ctx, grad_log_probs, grad_entropy, *unused):
     return {"x": grad}
 
 
-def _grad_args(a, grad_log_probs, grad_entropy, rows=slice(None)):
+def _grad_args(a, grad_log_probs, grad_entropy, rows=slice(None), grad_lse=None,
+               grad_mean_logits=None):
     """The row ops' backward arguments from the forward's (of `rows`)."""
     acc = a.lse.dtype
     if a.entropy is None or a.entropy.numel() != a.lse.numel():  # none: no gradient for it
@@ -130,7 +134,8 @@ def _grad_args(a, grad_log_probs, grad_entropy, rows=slice(None)):
                 inv_temperature=a.inv_temperature, logit_scale=a.logit_scale,
                 softcap=a.softcap, ignore_index=a.ignore_index, lse=a.lse[rows],
                 entropy=a.entropy[rows] if grad_entropy is not None else None,
-                grad_log_probs=pick(grad_log_probs), grad_entropy=pick(grad_entropy))
+                grad_log_probs=pick(grad_log_probs), grad_entropy=pick(grad_entropy),
+                grad_lse=pick(grad_lse), grad_mean_logits=pick(grad_mean_logits))
 
 
 LOG_PROBS = Op(
@@ -214,7 +219,7 @@ def _linear_grad_run(a, ns):
     grads = HeadGradients(w, outputs, want, min(x.shape[0], a.chunk_size))
     for sel, xc, logits in chunks:
         LOG_PROBS_GRAD_INPLACE.call(ns, x=logits, **_grad_args(
-            a, a.grad_log_probs, a.grad_entropy, sel))
+            a, a.grad_log_probs, a.grad_entropy, sel, a.grad_lse, a.grad_mean_logits))
         grads.add(logits, xc, sel, gathered)
     grads.finish()
     return outputs
@@ -337,7 +342,8 @@ def _result(outs, o):
 
 # ------------------------------------------------------------------------------ functions
 def log_probs(logits, target, *, temperature=1.0, logit_scale=1.0, softcap=None,
-              ignore_index=-100, return_entropy=False, extras=(), backend="auto"):
+              ignore_index=-100, return_entropy=False, extras=(), process_group=None,
+              backend="auto"):
     """log softmax(z)[target] per position, z = softcap(logit_scale * logits) / temperature.
 
     logits: (..., V), any float dtype. target: class indices of shape logits.shape[:-1].
@@ -348,20 +354,38 @@ def log_probs(logits, target, *, temperature=1.0, logit_scale=1.0, softcap=None,
     gradient. extras: any of "lse", "log_sum_sq_probs", "mean_logits", "is_top1" (no
     gradient). Outputs are float32 (float64 for float64 logits), target's shape.
 
+    process_group: vocab-parallel over a torch.distributed group: logits (..., V_local)
+    hold this rank's contiguous slice of the classes, in rank order (slices may differ in
+    size, or be empty); target holds global class indices, the same on every rank, and
+    every rank gets the same outputs (fusedloss/vocab_parallel.py: the chosen backend's
+    kernels on the slice, a few numbers per row across ranks). A DTensor `logits` sharded
+    on its last dimension along one mesh dimension runs that on the dimension's group;
+    replicated, the local kernels; the outputs are then replicated DTensors.
+
     Returns the log-probs tensor, or with return_entropy or extras a fusedloss.LogProbs.
     The backward accepts upstream gradients on both log_probs and entropy, together or
     alone; the algebra is in this module's docstring.
     """
+    if _dtensor.is_dtensor(logits, target, temperature):
+        return _dtensor.call(
+            log_probs, logits, logits.dim() - 1, "log_probs",
+            dict(target=target, temperature=temperature),
+            dict(logit_scale=logit_scale, softcap=softcap, ignore_index=ignore_index,
+                 return_entropy=return_entropy, extras=extras, process_group=process_group,
+                 backend=backend))
     _checks.floating("logits", logits)
-    if logits.dim() == 0 or logits.shape[-1] == 0:
+    if logits.dim() == 0 or (logits.shape[-1] == 0 and process_group is None):
         raise ValueError(f"logits must be (..., V) with V >= 1 classes, got shape "
                          f"{tuple(logits.shape)}")
-    o = check_options(target, logits.shape[:-1], logits.shape[-1], logits.device,
+    o = check_options(target, logits.shape[:-1],
+                      logits.shape[-1] if process_group is None else None, logits.device,
                       temperature, logit_scale, softcap, ignore_index, return_entropy,
                       extras)
-    name = _backends.resolve(LOG_PROBS, backend, logits.device)
-    x = logits.reshape(-1, logits.shape[-1])
+    x = logits.reshape(target.numel(), logits.shape[-1])  # V may be 0 (an empty slice)
     args = _op_args(o, target, acc_dtype(logits.dtype), logits.device)
+    if process_group is not None:
+        return _vocab_parallel(x, None, None, args, o, None, backend, process_group)
+    name = _backends.resolve(LOG_PROBS, backend, logits.device)
     if name == "reference":
         return _result(reference.log_probs_rows(
             x, args["target"], _inv_temperature(args), o.logit_scale, o.softcap,
@@ -387,11 +411,10 @@ def linear_log_probs(input, linear_weight, target, *, linear_bias=None, temperat
     head), as linear_cross_entropy's: linear_weight and linear_bias hold this rank's
     contiguous slice of the vocabulary, in rank order (slices may differ in size, or be
     empty); input and target (global class indices) are the same on every rank, and every
-    rank gets the same outputs. Per row only a few numbers cross ranks (two all-reduces,
-    three with is_top1), never the logits; the backward all-reduces grad_input. It runs
-    torch ops (backend "auto" or "reference"); without chunk_size the ranks agree on one
-    through a small exchange read on the host (on CUDA pass chunk_size to spare that
-    synchronisation). Higher-order gradients are not available there. A DTensor head
+    rank gets the same outputs. Per row only a few numbers cross ranks (two all-reduces;
+    is_top1 adds a torch pass over the slice and one more), never the logits; each rank runs the chosen
+    backend's kernels on its rows of the head; the backward all-reduces grad_input.
+    Higher-order gradients are not available there. A DTensor head
     (linear_weight Shard(0) or replicated, input a DTensor on its mesh) works as in
     linear_cross_entropy; the outputs are then replicated DTensors.
     """
@@ -434,8 +457,8 @@ def linear_log_probs(input, linear_weight, target, *, linear_bias=None, temperat
                                        input.dtype, input.device.type, CHUNK_BYTES)
     args = _op_args(o, target, acc_dtype(input.dtype), input.device)
     if process_group is not None:
-        return _vocab_parallel(x, linear_weight, linear_bias, args, o, chunk_size,
-                               default_chunk, backend, process_group)
+        return _vocab_parallel(x, linear_weight, linear_bias, args, o,
+                               chunk_size or default_chunk, backend, process_group)
     name = _backends.resolve(LINEAR_LOG_PROBS, backend, input.device)
     chunk_size = chunk_size or default_chunk
     if name == "reference":
@@ -459,28 +482,21 @@ def lm_head_log_probs(head, input, target, **options):
         x, w, target, linear_bias=b, **options), input)
 
 
-def _vocab_parallel(x, w, b, args, o, chunk_size, default_chunk, backend, group):
-    """linear_log_probs over a vocab-parallel head (fusedloss/vocab_parallel.py): torch ops
-    on this rank's slice, a few numbers per row across ranks."""
-    if backend not in ("auto", "reference"):
-        raise ValueError(f"fusedloss.linear_log_probs: with a process_group the outputs are "
-                         f"computed with torch ops and the group's collectives "
-                         f"(fusedloss/vocab_parallel.py), so backend must be 'auto' or "
-                         f"'reference', got {backend!r}")
-    target = args["target"]
-    counted = target != o.ignore_index
+def _vocab_parallel(x, w, b, args, o, chunk_size, backend, group):
+    """log_probs (w None: x the slice's logits) or linear_log_probs over a vocab-parallel
+    slice (fusedloss/vocab_parallel.py)."""
     inv_t = args["row_inv_temperature"]
     if inv_t is None:
-        inv_t = torch.full(target.shape, args["inv_temperature"], device=x.device,
+        inv_t = torch.full(args["target"].shape, args["inv_temperature"], device=x.device,
                            dtype=acc_dtype(x.dtype))
-    transform = functools.partial(reference.transform_logits, logit_scale=o.logit_scale,
-                                  softcap=o.softcap)
-    outs = vocab_parallel.linear_log_probs(
-        x, w, b, torch.where(counted, target, 0), inv_t, transform,
-        {"is_top1": "is_top1" in o.extras}, chunk_size, default_chunk, group)
-    # Ignored rows: 0 everywhere, and (through the where) no gradient.
-    outs = [torch.where(counted, v, torch.zeros_like(v)) for v in outs[:5]] + \
-        [outs[5] & counted]
+    common = dict(logit_scale=o.logit_scale, softcap=o.softcap,
+                  ignore_index=o.ignore_index, entropy=o.return_entropy, extras=o.extras,
+                  group=group, backend=backend)
+    if w is None:
+        outs = vocab_parallel.log_probs(x, args["target"], inv_t, **common)
+    else:
+        outs = vocab_parallel.linear_log_probs(x, w, b, args["target"], inv_t,
+                                               chunk_size=chunk_size, **common)
     return _result(outs, o)
 
 
@@ -524,7 +540,7 @@ class LinearTokenLogProbs(LossModule):
 # unless the entropy reaches the loss; a backward with create_graph=True differentiates
 # the reference recomputation instead (exact higher-order gradients).
 _ROW_GRAD_ARGS = dict(row_inv_temperature=None, inv_temperature=1.0, ignore_index=-100,
-                      grad_log_probs=None)
+                      grad_log_probs=None, grad_lse=None, grad_mean_logits=None)
 
 
 def _reference_entropy_grad(leaves, entropy_of, grad, create_graph):

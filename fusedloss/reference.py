@@ -401,6 +401,38 @@ def log_probs_rows(x, target, inv_temperature, logit_scale=1.0, softcap=None,
             valid & (z.argmax(-1) == target))
 
 
+def transform_grad(x, logit_scale=1.0, softcap=None):
+    """d transform_logits(x) / dx, elementwise: logit_scale (1 - (y / softcap)^2)."""
+    if softcap is None:
+        return torch.full_like(x, logit_scale)
+    t = torch.tanh(x * (logit_scale / softcap))
+    return logit_scale * (1 - t * t)
+
+
+def log_probs_grad_rows(x, target, row_inv_temperature, inv_temperature, logit_scale, softcap,
+                        ignore_index, lse, entropy, grad_log_probs, grad_entropy, grad_lse,
+                        grad_mean_logits):
+    """The log-probs backward op (fusedloss/log_probs.py) in torch ops, with its arguments:
+    dz_c = g ([c == t] - p_c) - h p_c (z_c - lse + H) + k p_c + u / V, then times dz/dx;
+    rows whose target is ignore_index 0."""
+    inv_t = row_inv_temperature[:, None] if row_inv_temperature is not None \
+        else inv_temperature
+    xa = x.to(acc_dtype(x.dtype))
+    z = transform_logits(xa, logit_scale, softcap or None) * inv_t
+    p = torch.exp(z - lse[:, None])
+    zero = torch.zeros_like(lse)
+    g, h, k, u = (v if v is not None else zero
+                  for v in (grad_log_probs, grad_entropy, grad_lse, grad_mean_logits))
+    dz = (k - g)[:, None] * p + (u / x.shape[1])[:, None]
+    if grad_entropy is not None:
+        dz = dz - h[:, None] * torch.where(p > 0, p * (z - lse[:, None] + entropy[:, None]),
+                                           torch.zeros_like(p))
+    counted = target != ignore_index
+    dz = dz.scatter_add(1, torch.where(counted, target, 0)[:, None], g[:, None])
+    dz = torch.where(counted[:, None], dz, torch.zeros_like(dz))
+    return (dz * inv_t * transform_grad(xa, logit_scale, softcap or None)).to(x.dtype)
+
+
 def linear_log_probs(x, linear_weight, linear_bias, target, inv_temperature, logit_scale=1.0,
                      softcap=None, ignore_index=-100, chunk_size=1024):
     """log_probs_rows(F.linear(x, linear_weight, linear_bias), ...) over rows of x (N, D) in

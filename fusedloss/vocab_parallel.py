@@ -1,487 +1,650 @@
-"""Vocab-parallel cross-entropy: the cross-rank code of the softmax cross-entropy family
-(cross_entropy and linear_cross_entropy with a process_group). Every rank holds a
-contiguous slice of the classes, in rank order (the slices may differ in size). Per row only a few numbers cross ranks, never the logits:
-each rank folds its slice into (m_r, s_r) and the sums below, and then
+"""Vocab-parallel losses: the cross-rank code of cross_entropy, linear_cross_entropy,
+log_probs and linear_log_probs over a process group (or a DTensor sharded on the classes,
+fusedloss/_dtensor.py). Every rank holds a contiguous slice of the classes, in rank order
+(slices may differ in size, or be empty). Each rank does the work of one device on its
+slice, with the same kernels: the log-probs row ops (fusedloss/log_probs.py, every
+backend), over the slice's logits or, chunk by chunk, over its rows of the LM head.
 
-    m = max_r m_r,   s = sum_r s_r exp(m_r - m),   lse = m + log s
-    z_t = sum_r (the target's logit where rank r holds it),  and for label smoothing
-    sum_c w_c z_c; for probability targets sum_c w_c t'_c z_c and T = sum_c w_c t'_c
+  1. One pass over the slice: the log-probs forward op gives each row's lse_r (and, where
+     asked, its entropy H_r, log sum p^2 lsq_r and mean of z); a gather gives the
+     target's z_t on the rank that holds it.
+  2. One MAX and one SUM all-reduce of a few numbers per row:
+        M = max_r lse_r,  e_r = exp(lse_r - M),  S = sum_r e_r,  lse = M + log S
+        H = log S + sum_r e_r (H_r + M - lse_r) / S         (every term >= 0)
+        log sum p^2 = log sum_r e_r^2 exp(lsq_r) - 2 log S,   sum_c z_c = sum_r V_r mean_r
+     with z_t, and sum_c a_c z_c where a loss needs one (probability targets and
+     class-weighted label smoothing: a torch pass over the slice).
+  3. Every rank computes the same losses from these (fusedloss/cross_entropy.py's algebra).
+  4. One pass writes the slice's gradient: the log-probs backward op,
+        dz_c = g [c == t] + (k - g) p_c - h p_c (z_c - lse + H) + u / V_r,
+     carries every loss here with per-row g, k, h, u (g = 0 where this rank does not hold
+     t); the a_c terms add - a_c dz_c/dx_c in torch. A reduced cross-entropy writes it in
+     the forward (over the logits with inplace_backward), as on one device.
 
-give every rank the same loss (the algebra of fusedloss/cross_entropy.py), and the
-gradient of its own slice, dz_c = exp(z_c - lse) p_coef - w_c w_coef - [c == t] t_coef.
+linear heads: input replicated; the backward returns this rank's share of grad_input, all-
+reduced over the group (a DTensor layer may instead leave it pending, for a reduce-scatter).
 """
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
-from . import _library
+from . import _backends, _library, reference
 from ._collectives import all_reduce, check_agree, check_group, exchange, first_order_only
 from ._library import acc_dtype
 
-# Rows of logits handled at once by the torch-op parts below (4 Mi values): bounds the
-# scratch of a chunk where it cannot be the gradient buffer.
+# The log-probs row ops, looked up by name (fusedloss/log_probs.py defines them and calls
+# this module).
+_OPS = {"rows": ("log_probs", "log_probs_grad", "log_probs_grad_inplace"),
+        "head": ("linear_log_probs", "linear_log_probs_grad")}
+# Rows of the slice's z held at once by the torch passes (4 Mi values).
 CHUNK_ELEMENTS = 1 << 22
 
 
-class VocabSlice:
-    """One call's view of this rank's slice of the classes: where it starts, how many
-    classes there are in all, and the per-row statistics and gradients above."""
+def _op(name):
+    return _library.OPS[name]
 
-    def __init__(self, group, like, n_local, rows, o, weight, what, extra=()):
-        self.group, self.o, self.what = group, o, what
+
+# ------------------------------------------------------------------------------ the slice
+class Slice:
+    """This rank's classes [offset, offset + n_local) of n_classes in all, on `group`.
+    offset and n_classes are ints (from a DTensor's spec) or 0-dim device tensors (from
+    an exchange): nothing here reads them on the host."""
+
+    def __init__(self, group, offset, n_classes, n_local, reduce_input_grad=True):
+        self.group, self.offset, self.n_classes, self.n_local = group, offset, n_classes, n_local
+        # linear heads: all-reduce grad_input here, or leave each rank its share (the
+        # DTensor layer then reduces it: a reduce-scatter for a sequence-parallel input)
+        self.reduce_input_grad = reduce_input_grad
+
+    @classmethod
+    def exchanged(cls, group, like, n_local, rows, what):
+        """The slice of a process_group call: the ranks' sizes exchanged (one all-gather).
+        On CPU tensors in eager mode, ranks that disagree on the rows raise alike."""
         world, rank = check_group(group, like, what)
-        meta = exchange([n_local, *rows, *extra], group, like.device)
-        check_agree(meta[:, 1:1 + len(rows)],
-                    ["the number of rows", "the positions per row"][:len(rows)], what)
-        self.extra = meta[:, 1 + len(rows):]  # every rank's `extra` values
+        meta = exchange([n_local, rows], group, like.device)
+        if not torch.compiler.is_compiling():
+            check_agree(meta[:, 1:], ["the number of rows"], what)
         sizes = meta[:, 0]
-        self.offset = sizes[:rank].sum()      # device tensors: no host read
-        self.n_classes = sizes.sum()
-        self.n_local = n_local
-        self.acc = acc_dtype(like.dtype)
-        self.weight = weight.to(self.acc) if weight is not None else None
-        if weight is not None and meta.device.type == "cpu" and \
-                weight.shape[0] != int(self.n_classes):
-            raise ValueError(f"fusedloss.{what}: weight has {weight.shape[0]} entries but the "
-                             f"ranks' class slices add up to {int(self.n_classes)}; it must "
-                             "hold the global classes")
-        self.weight_local = None
-        if weight is not None:  # clamped: a weight of the wrong size never reads out of range
-            idx = (torch.arange(n_local, device=like.device) + self.offset).clamp_(
-                max=weight.shape[0] - 1)
-            self.weight_local = self.weight.index_select(0, idx)
+        return cls(group, sizes[:rank].sum(), sizes.sum(), n_local)
 
-    def check_targets(self, target):
+    @classmethod
+    def of(cls, group, like, n_local, rows, what):
+        """`group` itself when it is a Slice already (the DTensor layer's, from the spec),
+        else the slice exchanged over the process group."""
+        if isinstance(group, Slice):
+            return group
+        return cls.exchanged(group, like, n_local, rows, what)
+
+    def targets(self, target, ignore_index):
+        """For global class indices (N,): (the local ops' targets: the local index where
+        held, 0 where another rank holds it, -1 where ignored; held; counted; bad)."""
+        local = target - self.offset
+        held = (local >= 0) & (local < self.n_local)
+        counted = target != ignore_index
+        bad = counted & ((target < 0) | (target >= self.n_classes))
+        local = torch.where(held, local, torch.zeros_like(local))
+        return torch.where(counted, local, torch.full_like(local, -1)), held & counted, \
+            counted, bad
+
+    def check_targets(self, target, ignore_index):
         """Class indices outside every rank's classes raise where reading them is free
-        (CPU tensors); on a GPU their rows get a NaN loss and gradient instead."""
-        if target.is_floating_point() or target.device.type != "cpu":
+        (CPU tensors, eager); elsewhere their rows get a NaN loss and gradient."""
+        if target.device.type != "cpu" or torch.compiler.is_compiling():
             return
-        bad = (target != self.o.ignore_index) & ((target < 0) | (target >= self.n_classes))
+        bad = (target != ignore_index) & ((target < 0) | (target >= self.n_classes))
         if bool(bad.any()):
             raise IndexError(f"target contains the class index {int(target[bad][0])}, outside "
                              f"[0, {int(self.n_classes)}) (the classes of every rank) and not "
-                             f"ignore_index ({self.o.ignore_index})")
+                             f"ignore_index ({ignore_index})")
 
-    def transform_into(self, x, out):
-        """out (the accumulation dtype) = z = the transformed logits x."""
-        torch.mul(x, self.o.logit_scale, out=out)
-        if self.o.softcap is not None:
-            out.div_(self.o.softcap).tanh_().mul_(self.o.softcap)
-        return out
-
-    def targets(self, target):
-        """Class-index targets (rows, S) -> (local index, held here, counted, bad)."""
-        local = target - self.offset
-        held = (local >= 0) & (local < self.n_local)
-        counted = target != self.o.ignore_index
-        bad = counted & ((target < 0) | (target >= self.n_classes))
-        return local.clamp(0, max(self.n_local - 1, 0)), held & counted, counted & ~bad, bad
-
-    def soft_targets(self, q):
-        """w_c t'_c of the slice for probability targets q (rows, C_local, S)."""
-        t = q.to(self.acc) * (1 - self.o.label_smoothing) + \
-            self.o.label_smoothing / self.n_classes.to(self.acc)
-        return t * self.weight_local[None, :, None] if self.weight_local is not None else t
-
-    def local_stats(self, z, target, entropy):
-        """The slice's (m, [s, sums...], shift) for z (rows, C_local, S), which it
-        overwrites (with exp(z - shift)): so z may be scratch memory, such as the gradient
-        buffer before the gradient is written."""
-        # An empty slice (V=4 on 3 ranks: 2/2/0) has no max and holds no target: it adds
-        # -inf to the max and 0 to every sum.
-        empty = self.n_local == 0
-        m = z.new_full((z.shape[0], z.shape[2]), float("-inf")) if empty else z.amax(1)
-        shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        sums = []
-        if not target.is_floating_point():
-            local, held = self.targets(target)[:2]
-            z_t = torch.zeros_like(m) if empty else z.gather(1, local[:, None]).squeeze(1)
-            sums.append(torch.where(held, z_t, torch.zeros_like(z_t)))
-            if self.o.label_smoothing > 0:
-                sums.append(torch.einsum("rcs,c->rs", z, self.weight_local)
-                            if self.weight_local is not None else z.sum(1))
-        else:
-            wt = self.soft_targets(target)
-            sums += [torch.einsum("rcs,rcs->rs", wt, z), wt.sum(1)]
-        if entropy:  # sum_c e_c z_c, 0 where e_c is (at -inf logits)
-            e = torch.exp(z - shift[:, None])
-            sums.insert(0, torch.where(e > 0, e * z, torch.zeros_like(z)).sum(1))
-        e = z.sub_(shift[:, None]).exp_()
-        sums.insert(0, e.sum(1))
-        return m, torch.stack(sums), shift
-
-    def combine(self, m, sums, shift, entropy):
-        """The global statistics: two all-reduces of a few numbers per row. s (and the
-        entropy's sum) are rescaled from each rank's shift to the global max first."""
-        top = m.clone()
+    def combine(self, lse_r, z_t, ent_r=None, lsq_r=None, sums=()):
+        """Step 2 above: (lse, z_t, H or None, log sum p^2 or None, the summed `sums`)."""
+        top = lse_r.clone()
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
-        top_shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        k = 2 if entropy else 1
-        sums = torch.cat([sums[:k] * torch.exp(shift - top_shift), sums[k:]])
-        dist.all_reduce(sums, group=self.group)
-        return top_shift, sums
+        m = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        e = torch.exp(lse_r - m)
+        parts = [e, z_t, *sums]
+        if ent_r is not None:
+            parts.append(torch.where(e > 0, e * (ent_r + m - lse_r), torch.zeros_like(e)))
+        if lsq_r is not None:
+            parts.append(e * e * torch.exp(lsq_r))
+        total = torch.stack(parts)
+        dist.all_reduce(total, group=self.group)
+        s, z_t, *rest = total
+        log_s = torch.log(s)
+        ent = log_s + rest[len(sums)] / s if ent_r is not None else None
+        lsq = torch.log(rest[-1]) - 2 * log_s if lsq_r is not None else None
+        return m + log_s, z_t, ent, lsq, rest[:len(sums)]
 
-    def rows(self, target, top_shift, sums, row_weight, entropy):
-        """Per row: loss, lse, entropy (or None) and the gradient coefficients."""
-        o, eps = self.o, self.o.label_smoothing
-        s = sums[0]
-        lse = top_shift + torch.log(s)
-        i = 1
-        ent = None
-        if entropy:
-            ent = lse - sums[1] / s
-            i = 2
-        if not target.is_floating_point():
-            local, held, valid, bad = self.targets(target)
-            z_t = sums[i]
-            w_t = self.weight[target.clamp(0, self.weight.shape[0] - 1)] \
-                if self.weight is not None else torch.ones_like(lse)
-            w_t = torch.where(valid, w_t, torch.zeros_like(w_t))
-            keep = (1 - eps) * w_t
-            loss = keep * (lse - z_t)
-            p_coef = keep.clone()
-            w_coef = torch.zeros_like(lse)
+
+# ------------------------------------------------------------------------------ sources
+class Rows:
+    """This rank's slice of logits x (N, V_local), contiguous, transformed as
+    z = inv_t softcap(logit_scale x) (inv_t: (N,) acc)."""
+
+    def __init__(self, x, backend, logit_scale, softcap, inv_t):
+        self.x, self.logit_scale, self.softcap, self.inv_t = x, logit_scale, softcap, inv_t
+        self.acc = acc_dtype(x.dtype)
+        self.name = _backends.resolve(_op("log_probs"), backend, x.device)
+        self.n_local = x.shape[1]
+
+    def _row_args(self, target):
+        return dict(target=target, row_inv_temperature=self.inv_t, inv_temperature=1.0,
+                    logit_scale=self.logit_scale, softcap=self.softcap or 0.0, ignore_index=-1)
+
+    def z(self, x, inv_t):
+        return reference.transform_logits(x.to(self.acc), self.logit_scale,
+                                          self.softcap) * inv_t[:, None]
+
+    def stats(self, target, entropy, log_sum_sq, mean):
+        """(lse_r, H_r, lsq_r, mean_r) of the slice's rows (None where not asked)."""
+        n = self.x.shape[0]
+        if self.n_local == 0:  # no classes: adds nothing (e_r = 0)
+            lse = self.x.new_full((n,), float("-inf"), dtype=self.acc)
+            zero = torch.zeros_like(lse)
+            return lse, zero if entropy else None, zero if log_sum_sq else None, \
+                zero if mean else None
+        outs = self.run_stats(target, entropy, log_sum_sq, mean)
+        return outs[2], outs[1] if entropy else None, outs[3] if log_sum_sq else None, \
+            outs[4] if mean else None
+
+    def run_stats(self, target, entropy, log_sum_sq, mean):
+        if self.name == "reference":
+            return reference.log_probs_rows(self.x, target, self.inv_t, self.logit_scale,
+                                            self.softcap, -1)
+        return _op("log_probs").call(self.name, x=self.x, **self._row_args(target),
+                                     compute_entropy=entropy, compute_log_sum_sq=log_sum_sq,
+                                     compute_mean=mean, compute_top1=False)
+
+    def target_logit(self, local):
+        """z of each row's class `local` (N,), in acc."""
+        if self.n_local == 0:
+            return torch.zeros(local.shape, dtype=self.acc, device=self.x.device)
+        x_t = self.x.gather(1, local.clamp(min=0)[:, None])
+        return self.z(x_t, self.inv_t)[:, 0]
+
+    def z_chunks(self):
+        """(rows, the slice's z of those rows) chunk by chunk, for the torch passes."""
+        step = max(1, CHUNK_ELEMENTS // max(self.n_local, 1))
+        for i in range(0, self.x.shape[0], step):
+            rows = slice(i, i + step)
+            yield rows, self.z(self.x[rows], self.inv_t[rows])
+
+    def grad(self, target, lse, ent, g, h, k, u, terms, inplace=False):
+        """d/dx of the slice (step 4), into a new buffer or over x itself; `terms(rows)`:
+        the a_c of those rows (or None)."""
+        if self.n_local == 0:
+            return self.x if inplace else torch.zeros_like(self.x)
+        # The terms read x: before the gradient may be written over it.
+        term_grads = self._term_grads(terms) if terms is not None else ()
+        args = dict(x=self.x, **self._row_args(target), lse=lse, entropy=ent,
+                    grad_log_probs=g, grad_entropy=h, grad_lse=k, grad_mean_logits=u)
+        if self.name == "reference":
+            out = reference.log_probs_grad_rows(**args)
+            grad = self.x.copy_(out) if inplace else out
+        elif inplace:
+            _op("log_probs_grad_inplace").call(self.name, **args)
+            grad = self.x
+        else:
+            grad = _op("log_probs_grad").call(self.name, **args)
+        for rows, dz in term_grads:
+            grad[rows] -= dz.to(grad.dtype)
+        return grad
+
+    def dz_dx(self, x, inv_t):
+        """dz/dx of the rows x, in acc."""
+        return reference.transform_grad(x.to(self.acc), self.logit_scale,
+                                        self.softcap) * inv_t[:, None]
+
+    def _term_grads(self, terms):
+        """(rows, a_c dz_c/dx_c) chunk by chunk."""
+        step = max(1, CHUNK_ELEMENTS // max(self.n_local, 1))
+        return [(slice(i, i + step), terms(slice(i, i + step)) *
+                 self.dz_dx(self.x[i:i + step], self.inv_t[i:i + step]))
+                for i in range(0, self.x.shape[0], step)]
+
+
+class Head:
+    """This rank's rows W (V_local, D) (and b) of an LM head over the replicated input x
+    (N, D): the rows' z as Rows', their logits never whole (the linear ops' chunks)."""
+
+    def __init__(self, x, w, b, backend, logit_scale, softcap, inv_t, chunk_size):
+        self.x, self.w, self.b = x, w, b
+        self.logit_scale, self.softcap, self.inv_t = logit_scale, softcap, inv_t
+        self.chunk_size, self.acc = chunk_size, acc_dtype(x.dtype)
+        self.name = _backends.resolve(_op("linear_log_probs"), backend, x.device)
+        self.n_local = w.shape[0]
+
+    stats = Rows.stats
+    _row_args = Rows._row_args
+    z = Rows.z
+
+    def run_stats(self, target, entropy, log_sum_sq, mean):
+        if self.name == "reference":
+            return reference.linear_log_probs(self.x, self.w, self.b, target, self.inv_t,
+                                              self.logit_scale, self.softcap, -1,
+                                              self.chunk_size)
+        return _op("linear_log_probs").call(
+            self.name, input=self.x, linear_weight=self.w, linear_bias=self.b,
+            chunk_size=self.chunk_size, **self._row_args(target), compute_entropy=entropy,
+            compute_log_sum_sq=log_sum_sq, compute_mean=mean, compute_top1=False)
+
+    def target_logit(self, local):
+        if self.n_local == 0:
+            return torch.zeros(local.shape, dtype=self.acc, device=self.x.device)
+        idx = local.clamp(min=0)
+        logit = (self.x.to(self.acc) * self.w[idx].to(self.acc)).sum(1)
+        if self.b is not None:
+            logit = logit + self.b[idx].to(self.acc)
+        # rounded as the product the kernels read is (the input's dtype)
+        return self.z(logit.to(self.x.dtype)[:, None], self.inv_t)[:, 0]
+
+    def z_chunks(self):
+        for i in range(0, self.x.shape[0], self.chunk_size):
+            rows = slice(i, i + self.chunk_size)
+            yield rows, self.z(F.linear(self.x[rows], self.w, self.b), self.inv_t[rows])
+
+    def grad(self, target, lse, ent, g, h, k, u, terms, want):
+        """(grad_input (this rank's share), grad_weight, grad_bias), as `want`s."""
+        if self.n_local == 0:
+            return (torch.zeros_like(self.x) if want[0] else None,
+                    torch.zeros_like(self.w) if want[1] else None,
+                    torch.zeros_like(self.b) if want[2] and self.b is not None else None)
+        if self.name == "reference":  # the whole slice's logits, in torch ops
+            rows = Rows(F.linear(self.x, self.w, self.b), "reference", self.logit_scale,
+                        self.softcap, self.inv_t)
+            dlogits = rows.grad(target, lse, ent, g, h, k, u, terms)
+            return self._through_linear(dlogits, slice(None), want)
+        got = _op("linear_log_probs_grad").call(
+            self.name, input=self.x, linear_weight=self.w, linear_bias=self.b,
+            chunk_size=self.chunk_size, **self._row_args(target), lse=lse, entropy=ent,
+            grad_log_probs=g, grad_entropy=h, grad_lse=k, grad_mean_logits=u,
+            grad_input=want[0], grad_weight=want[1],
+            grad_bias=want[2] and self.b is not None)
+        gx, gw, gb = (v if w and v.numel() else None for v, w in zip(got, want))
+        if terms is not None:  # - a_c dz/dx_c through the chunks' logits, in torch
+            for i in range(0, self.x.shape[0], self.chunk_size):
+                rows = slice(i, i + self.chunk_size)
+                logits = F.linear(self.x[rows], self.w, self.b)
+                d = self._through_linear(terms(rows) * Rows.dz_dx(self, logits,
+                                                                  self.inv_t[rows]),
+                                         rows, want)
+                if gx is not None:
+                    gx[rows] -= d[0]
+                for acc_grad, v in ((gw, d[1]), (gb, d[2])):
+                    if acc_grad is not None:
+                        acc_grad -= v
+        return gx, gw, gb
+
+    def _through_linear(self, dlogits, rows, want):
+        """(d/dx, d/dW, d/db) of the rows' logits x W^T + b for their gradient dlogits."""
+        x = self.x[rows]
+        return (((dlogits @ self.w.to(dlogits.dtype)).to(x.dtype)) if want[0] else None,
+                ((dlogits.t() @ x.to(dlogits.dtype)).to(self.w.dtype)) if want[1] else None,
+                dlogits.sum(0).to(self.b.dtype) if want[2] and self.b is not None else None)
+
+
+# ------------------------------------------------------------------------------ losses
+class CrossEntropyRows:
+    """The cross-entropy algebra of fusedloss/cross_entropy.py over a vocab-parallel
+    source: forward() gives each row's loss (and lse, entropy); coefs(G) the gradient's
+    per-row g, k, u and the a_c terms for upstream gradients G of the rows' losses."""
+
+    def __init__(self, sl, src, target, weight, row_weight, o, entropy):
+        self.sl, self.src, self.o, self.entropy = sl, src, o, entropy
+        self.acc = src.acc
+        self.row_weight = row_weight
+        self.weight = weight.to(self.acc) if weight is not None else None
+        self.prob = target.is_floating_point()
+        self.target = target
+        n_local = src.n_local
+        self.weight_local = None
+        if weight is not None:  # clamped: a weight of the wrong size never reads out of range
+            idx = (torch.arange(n_local, device=weight.device) + sl.offset).clamp(
+                max=weight.shape[0] - 1)
+            self.weight_local = self.weight.index_select(0, idx)
+        if self.prob:
+            n = target.shape[0]
+            self.tk = torch.zeros(n, dtype=torch.long, device=target.device)
+            self.held = torch.zeros(n, dtype=torch.bool, device=target.device)
+            self.valid, self.bad = torch.ones_like(self.held), self.held
+        else:
+            self.tk, self.held, counted, self.bad = sl.targets(target, o.ignore_index)
+            self.valid = counted & ~self.bad
+
+    def soft(self, rows):
+        """w_c t'_c of the rows (probability targets)."""
+        eps = self.o.label_smoothing
+        t = self.target[rows].to(self.acc) * (1 - eps) + eps / self.n_classes
+        return t * self.weight_local if self.weight_local is not None else t
+
+    @property
+    def n_classes(self):
+        c = self.sl.n_classes
+        return c.to(self.acc) if isinstance(c, torch.Tensor) else float(c)
+
+    def a_terms(self):
+        """The rows' a_c where the loss needs sum_c a_c z_c from a torch pass: w_c t'_c for
+        probability targets, w_c for class-weighted smoothing; else None."""
+        if self.prob:
+            return self.soft
+        if self.o.label_smoothing > 0 and self.weight_local is not None:
+            return lambda rows: self.weight_local.expand(self.target[rows].shape[0], -1)
+        return None
+
+    def forward(self):
+        o, eps, src = self.o, self.o.label_smoothing, self.src
+        terms = self.a_terms()
+        smooth_mean = not self.prob and eps > 0 and self.weight_local is None
+        # Ignored rows too: their lse and entropy are returned (their gradient is 0).
+        lse_r, ent_r, _, mean_r = src.stats(self.tk.clamp(min=0), self.entropy, False,
+                                            smooth_mean)
+        z_t = torch.where(self.held, src.target_logit(self.tk), torch.zeros_like(lse_r))
+        sums = []
+        if terms is not None:
+            az = torch.cat([(terms(rows) * z).sum(1) for rows, z in src.z_chunks()]) \
+                if src.n_local else torch.zeros_like(lse_r)
+            sums.append(az)
+            if self.prob:
+                sums.append(torch.cat([self.soft(slice(i, i + 4096)).sum(1) for i in
+                                       range(0, lse_r.shape[0], 4096)])
+                            if src.n_local else torch.zeros_like(lse_r))
+        if smooth_mean:
+            sums.append(mean_r * src.n_local)
+        lse, z_t, ent, _, sums = self.sl.combine(lse_r, z_t, ent_r, None, sums)
+        self.lse, self.ent = lse, ent
+        if self.prob:
+            az, total = sums
+            self.total = total
+            loss = total * lse - az + o.z_loss * lse * lse
+        else:
+            w_t = self.w_t()
+            loss = (1 - eps) * w_t * (lse - z_t)
             if eps > 0:
-                w_sum = self.weight.sum() if self.weight is not None else \
-                    self.n_classes.to(self.acc)
-                eps_c = eps / self.n_classes.to(self.acc)
-                loss = loss + eps_c * (w_sum * lse - sums[i + 1])
-                p_coef = p_coef + eps_c * w_sum
-                w_coef = torch.where(valid, eps_c.to(self.acc).expand_as(lse), w_coef)
-            if o.z_loss:
-                loss = loss + o.z_loss * w_t * lse * lse
-                p_coef = p_coef + 2 * o.z_loss * w_t * lse
-            t_coef = keep
+                w_sum = self.weight.sum() if self.weight is not None else self.n_classes
+                wz = sums[0]  # sum_c w_c z_c
+                loss = loss + eps / self.n_classes * (w_sum * lse - wz)
+            loss = loss + o.z_loss * w_t * lse * lse
             nan = torch.full_like(loss, float("nan"))
-            loss = torch.where(valid, loss, torch.where(bad, nan, torch.zeros_like(loss)))
-            p_coef = torch.where(valid, p_coef, torch.where(bad, nan, torch.zeros_like(loss)))
+            loss = torch.where(self.valid, loss,
+                               torch.where(self.bad, nan, torch.zeros_like(loss)))
+        if self.row_weight is not None:
+            loss = loss * self.row_weight
+        return loss, lse, ent
+
+    def w_t(self):
+        if self.weight is None:
+            return self.valid.to(self.acc)
+        w = self.weight[self.target.clamp(0, self.weight.shape[0] - 1)]
+        return torch.where(self.valid, w, torch.zeros_like(w))
+
+    def coefs(self, grad_loss, grad_entropy=None):
+        """(g, k, h, u, terms) of the log-probs backward op for upstream gradients
+        grad_loss (N,) of the rows' losses (and grad_entropy of the entropy)."""
+        o, eps = self.o, self.o.label_smoothing
+        G = grad_loss * self.row_weight if self.row_weight is not None else grad_loss
+        lse = self.lse
+        u, terms = None, None
+        if self.prob:
+            g = torch.zeros_like(G)
+            k = G * (self.total + 2 * o.z_loss * lse)
+            soft = self.soft
+            terms = lambda rows: soft(rows) * G[rows, None]  # noqa: E731
         else:
-            z_wt, total = sums[i], sums[i + 1]
-            loss = total * lse - z_wt + o.z_loss * lse * lse
-            p_coef = total + 2 * o.z_loss * lse
-            w_coef, t_coef = torch.ones_like(lse), torch.zeros_like(lse)
-        if row_weight is not None:
-            loss, p_coef, w_coef, t_coef = (v * row_weight for v in (loss, p_coef, w_coef,
-                                                                        t_coef))
-        return loss, lse, ent, (p_coef, w_coef, t_coef)
-
-    def grad_into(self, x, out, target, lse, coefs, scale):
-        """out (rows, C_local, S; the accumulation dtype) = d loss / d x of the slice, in
-        place: the only temporary is the softcap's derivative."""
-        p_coef, w_coef, t_coef = (c * scale for c in coefs)
-        self.transform_into(x, out)
-        dz_dx = 1 - (out / self.o.softcap) ** 2 if self.o.softcap is not None else None
-        out.sub_(lse[:, None]).exp_().mul_(p_coef[:, None])
-        if not target.is_floating_point():
-            if self.o.label_smoothing > 0:
-                w = self.weight_local if self.weight_local is not None else \
-                    torch.ones(self.n_local, dtype=self.acc, device=out.device)
-                out.addcmul_(w[None, :, None], w_coef[:, None], value=-1)
-            local, held = self.targets(target)[:2]
-            if self.n_local:  # an empty slice holds no target
-                out.scatter_add_(1, local[:, None],
-                                 -torch.where(held, t_coef, torch.zeros_like(t_coef))[:, None])
-            out.masked_fill_((target == self.o.ignore_index)[:, None], 0)
-        else:
-            out.sub_(self.soft_targets(target) * w_coef[:, None])
-        out.mul_(self.o.logit_scale)
-        if dz_dx is not None:
-            out.mul_(dz_dx)
-        return out
-
-
-def _chunk_rows(per_row):
-    return max(1, CHUNK_ELEMENTS // max(per_row, 1))
+            w_t = self.w_t()
+            keep = (1 - eps) * w_t
+            p_coef = keep + 2 * o.z_loss * w_t * lse
+            if eps > 0:
+                w_sum = self.weight.sum() if self.weight is not None else self.n_classes
+                p_coef = p_coef + eps * w_sum / self.n_classes
+                const = torch.where(self.valid, G * eps / self.n_classes, torch.zeros_like(G))
+                if self.weight_local is None:
+                    u = -const * self.src.n_local
+                else:
+                    wl = self.weight_local
+                    terms = lambda rows: wl * const[rows, None]  # noqa: E731
+            g = torch.where(self.held, -G * keep, torch.zeros_like(G))
+            k = torch.where(self.valid, G * p_coef + g, torch.zeros_like(G))
+            k = torch.where(self.bad, torch.full_like(k, float("nan")), k)
+        h = grad_entropy
+        return g, k, h, u, terms
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """cross_entropy over a (B, C_local, S) slice: the loss and the slice's gradient in the
-    forward, row chunk by row chunk (temporaries O(chunk x C_local)); the backward scales
-    the saved gradient (in place where the graph owns it)."""
+    """cross_entropy / linear_cross_entropy over a vocab-parallel source. The rows'
+    losses (reduction "none") or their scaled sum; a reduced loss gets its gradients in
+    the forward (over the logits with `inplace`), which the backward scales."""
 
     @staticmethod
-    def forward(ctx, x, sl, target, row_weight, loss_scale, reduction, entropy):
-        B, C, S = x.shape
-        step = _chunk_rows(C * S)
-        grad = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        # Scratch for the chunks' z: the gradient buffer itself where it has the
-        # accumulation dtype (it is written only after the statistics), else one chunk.
-        in_grad = grad is not None and x.dtype == sl.acc
-        scratch = None if in_grad else x.new_empty((min(B, step), C, S), dtype=sl.acc)
-
-        def z_of(b):
-            rows = x[b:b + step]
-            out = grad[b:b + step] if in_grad else scratch[:rows.shape[0]]
-            return rows, out
-
-        stats = [sl.local_stats(sl.transform_into(*z_of(b)), target[b:b + step], entropy)
-                 for b in range(0, max(B, 1), step)]  # no rows: one empty chunk
-        m, sums, shift = (torch.cat([s[i] for s in stats], dim=1 if i == 1 else 0)
-                          for i in range(3))
-        top_shift, sums = sl.combine(m, sums, shift, entropy)
-        loss, lse, ent, coefs = sl.rows(target, top_shift, sums, row_weight, entropy)
-        if grad is not None:
-            for b in range(0, B, step):
-                rows, out = z_of(b)
-                sl.grad_into(rows, out, target[b:b + step], lse[b:b + step],
-                             [c[b:b + step] for c in coefs], loss_scale)
-                if not in_grad:
-                    grad[b:b + step] = out
-        ctx.grad, ctx.reduction = grad, reduction
-        if grad is not None:
-            _library.owned(grad)
-        out = loss if reduction == 0 else loss.sum() * loss_scale
-        ent = ent if ent is not None else lse.new_empty((0,))
-        ctx.mark_non_differentiable(lse, ent)
-        return out, lse, ent
+    def forward(ctx, loss, scale, inplace, *tensors):
+        rows, lse, ent = loss.forward()
+        ctx.loss, ctx.scale = loss, scale
+        # The entropy's gradient is known in the backward only: then all of it runs there.
+        ctx.eager = scale is not None and not (loss.entropy and any(ctx.needs_input_grad[3:]))
+        ctx.grads = None
+        if ctx.eager and any(ctx.needs_input_grad[3:]):
+            G = torch.where(loss.valid, scale.expand_as(rows), torch.zeros_like(rows))
+            ctx.grads = _source_grads(loss, ctx.needs_input_grad[3:], G, None, inplace)
+            if inplace:
+                torch.autograd.graph.increment_version(tensors[0])
+            for g in ctx.grads:
+                if g is not None:
+                    _library.owned(g)
+        out = rows if scale is None else rows.sum() * scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse, ent if ent is not None else lse.new_empty((0,))
 
     @staticmethod
-    def backward(ctx, grad_loss, *unused):
+    def backward(ctx, grad_out, grad_lse, grad_ent):
         first_order_only()
-        grad = ctx.grad
-        if grad is None:
-            raise RuntimeError(_library.CONSUMED)
-        in_place = getattr(grad, "_fusedloss_owned", False)
-        if in_place:
-            ctx.grad = None
-        shape = (grad.shape[0], 1, grad.shape[2])
-        return (_library.scale_grad(grad, grad_loss, ctx.reduction, shape, in_place),
-                None, None, None, None, None, None)
+        loss, need = ctx.loss, ctx.needs_input_grad[3:]
+        if ctx.eager:
+            if ctx.grads is None:
+                raise RuntimeError(_library.CONSUMED)
+            grads, ctx.grads = ctx.grads, None
+            grads = [_library.scale_grad(g, grad_out, 1, (), getattr(g, "_fusedloss_owned",
+                                                                        False))
+                     if g is not None else None for g in grads]
+        else:
+            G = grad_out.expand(loss.lse.shape) * ctx.scale if ctx.scale is not None \
+                else grad_out
+            G = torch.zeros_like(loss.lse) if G is None else G.to(loss.acc)
+            h = grad_ent.to(loss.acc) if grad_ent is not None and grad_ent.numel() else None
+            grads = list(_source_grads(loss, need, G, h, False))
+        if loss.sl.reduce_input_grad and isinstance(loss.src, Head) and grads[0] is not None:
+            all_reduce(grads[0], loss.sl.group)
+        return (None, None, None, *grads)
 
 
-def cross_entropy(x, target_k, weight, row_weight, loss_scale, o, entropy, group):
+def _source_grads(loss, need, G, h, inplace):
+    g, k, h, u, terms = loss.coefs(G, h)
+    # Ignored rows are not read (exact zeros) unless the entropy's gradient reaches them.
+    src, target = loss.src, loss.tk if h is None else loss.tk.clamp(min=0)
+    if isinstance(src, Head):
+        return src.grad(target, loss.lse, loss.ent if h is not None else None, g, h, k, u,
+                        terms, need)
+    return (src.grad(target, loss.lse, loss.ent if h is not None else None, g, h, k, u,
+                     terms, inplace),)
+
+
+def _rows_of(x):
+    """(B, C, S) logits as (B * S, C) rows, contiguous (a copy only when S > 1)."""
+    B, C, S = x.shape
+    return x.view(B, C) if S == 1 else x.movedim(1, 2).reshape(B * S, C)
+
+
+class _Rows(torch.autograd.Function):
+    """(B, C, S) <-> (B * S, C) rows, with the gradient moved back."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape = x.shape
+        return _rows_of(x).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        B, C, S = ctx.shape
+        return grad.view(B, C, 1) if S == 1 else grad.view(B, S, C).movedim(2, 1)
+
+
+def cross_entropy(x, target_k, weight, row_weight, loss_scale, o, entropy, group,
+                  inplace=False, backend="auto"):
     """Vocab-parallel cross-entropy of x (B, C_local, S); target_k: global class indices
     (B, S) or this slice's probabilities (B, C_local, S). Returns (loss, lse, entropy)."""
-    sl = VocabSlice(group, x, x.shape[1], [x.shape[0], x.shape[2]], o, weight,
-                    "cross_entropy")
-    sl.check_targets(target_k)
-    rw = row_weight.view(target_k.shape[0], -1) if row_weight is not None else None
-    return _VocabParallelCrossEntropy.apply(x, sl, target_k, rw, loss_scale, o.reduction,
-                                            entropy)
+    B, C, S = x.shape
+    sl = Slice.of(group, x, C, B * S, "cross_entropy")
+    if not target_k.is_floating_point():
+        sl.check_targets(target_k, o.ignore_index)
+        _check_weight(weight, sl)
+        target = target_k.reshape(-1)
+    else:
+        target = _rows_of(target_k)
+    rows = _Rows.apply(x) if S > 1 or not x.is_contiguous() else x.view(B, C)
+    inv_t = torch.ones(B * S, dtype=acc_dtype(x.dtype), device=x.device)
+    src = Rows(rows.detach(), backend, o.logit_scale, o.softcap, inv_t)
+    loss = CrossEntropyRows(sl, src, target, weight, row_weight, o, entropy)
+    scale = loss_scale if o.reduction != 0 else None
+    out, lse, ent = _VocabParallelCrossEntropy.apply(loss, scale, inplace and S == 1, rows)
+    return out, lse, ent if entropy else None
 
 
-# ------------------------------------------------------------------------------ linear
-def _linear_chunks(sl, x, w, b, target, row_weight, loss_scale, positions, chunk, grads,
-                   entropy):
-    """The vocab-parallel linear cross-entropy, chunk by chunk of rows (the same chunks
-    on every rank: the statistics of each are exchanged before its gradient). Returns the
-    loss rows, lse, entropy and, with `grads`, this rank's grad_input (its slice's share,
-    to be summed over ranks), grad_weight and grad_bias."""
-    n, d = x.shape
-    v = w.shape[0]
-    rows, lse = (x.new_empty((n, positions), dtype=sl.acc) for _ in range(2))
-    ent = x.new_empty((n, positions) if entropy else (0,), dtype=sl.acc)
-    gx = torch.zeros_like(x) if grads else None
-    gw = torch.zeros((v, d), dtype=acc_dtype(w.dtype), device=w.device) if grads else None
-    gb = torch.zeros(v, dtype=acc_dtype(w.dtype), device=w.device) \
-        if grads and b is not None else None
-    for i in range(0, max(n, 1), chunk):  # no rows: one empty chunk, still exchanged
-        xc, tc = x[i:i + chunk], target[i:i + chunk]
-        logits = torch.mm(xc, w.t()) if b is None else torch.addmm(b, xc, w.t())
-        logits = logits.view(xc.shape[0], -1, positions)
-        # z in its own buffer: the statistics use it up, the gradient is then written there.
-        z = sl.transform_into(logits, torch.empty_like(logits, dtype=sl.acc))
-        m, sums, shift = sl.local_stats(z, tc, entropy)
-        top, sums = sl.combine(m, sums, shift, entropy)
-        rw = row_weight[i:i + chunk] if row_weight is not None else None
-        rows[i:i + chunk], lse[i:i + chunk], e, coefs = sl.rows(tc, top, sums, rw, entropy)
-        if entropy:
-            ent[i:i + chunk] = e
-        if grads:
-            g = sl.grad_into(logits, z, tc, lse[i:i + chunk], coefs, loss_scale) \
-                .view(xc.shape[0], v)
-            gx[i:i + chunk] = torch.mm(g.to(x.dtype), w)
-            gw.addmm_(g.t().to(gw.dtype), xc.to(gw.dtype))
-            if gb is not None:
-                gb += g.sum(0, dtype=gb.dtype)
-    return rows, lse, ent, gx, gw, gb
+def _check_weight(weight, sl):
+    if weight is not None and weight.device.type == "cpu" and \
+            not torch.compiler.is_compiling() and weight.shape[0] != int(sl.n_classes):
+        raise ValueError(f"weight has {weight.shape[0]} entries but the ranks' class slices "
+                         f"add up to {int(sl.n_classes)}; it must hold the global classes")
 
 
-class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
-    """linear_cross_entropy with linear_weight (and linear_bias) holding this rank's slice
-    of the classes and input replicated. Reduced losses get their gradients in the
-    forward; the backward scales them and all-reduces grad_input over the ranks (as
-    Megatron's column-parallel head does). Reduction "none" runs the chunks again in the
-    backward, each row's incoming gradient as its row weight."""
-
-    @staticmethod
-    def forward(ctx, x, w, b, sl, target, row_weight, loss_scale, reduction, positions,
-                chunk, entropy):
-        grads = reduction != 0 and any(ctx.needs_input_grad[:3])
-        rows, lse, ent, gx, gw, gb = _linear_chunks(sl, x, w, b, target, row_weight,
-                                                    loss_scale, positions, chunk, grads,
-                                                    entropy)
-        ctx.grads = (gx, gw, gb) if grads else None
-        ctx.save_for_backward(x, w, b, target, row_weight)
-        ctx.sl, ctx.positions, ctx.chunk = sl, positions, chunk
-        ctx.mark_non_differentiable(lse, ent)
-        out = rows if reduction == 0 else rows.sum() * loss_scale
-        return out, lse, ent
-
-    @staticmethod
-    def backward(ctx, grad_loss, *unused):
-        first_order_only()
-        x, w, b, target, row_weight = ctx.saved_tensors
-        if ctx.grads is not None:
-            gx, gw, gb = (g * grad_loss.to(g.dtype) if g is not None else None
-                          for g in ctx.grads)
-        else:
-            rw = grad_loss.to(ctx.sl.acc).reshape(x.shape[0], ctx.positions)
-            if row_weight is not None:
-                rw = rw * row_weight
-            ones = torch.ones((), dtype=ctx.sl.acc, device=x.device)
-            gx, gw, gb = _linear_chunks(ctx.sl, x, w, b, target, rw, ones, ctx.positions,
-                                        ctx.chunk, True, False)[3:]
-        gx = all_reduce(gx, ctx.sl.group)  # every rank: the whole gradient of the input
-        return (gx, gw.to(w.dtype), gb.to(b.dtype) if gb is not None else None,
-                *(None,) * 8)
-
-
-def linear_cross_entropy(x, w, b, target_k, weight, row_weight, loss_scale, o, n_classes,
-                         positions, chunk_size, entropy, group):
-    """Vocab-parallel linear cross-entropy: x (N, D) replicated, w (C_local * S, D) and b
-    this rank's slice. Returns (loss, lse, entropy)."""
+def linear_cross_entropy(x, w, b, target_k, weight, row_weight, loss_scale, o, chunk_size,
+                         entropy, group, backend="auto"):
+    """Vocab-parallel linear cross-entropy: x (N, D) replicated, w (C_local, D) and b this
+    rank's slice. Returns (loss, lse, entropy)."""
     n = x.shape[0]
-    default = max(1, min(max(n, 1), CHUNK_ELEMENTS // max(w.shape[0], 1)))
-    sl = VocabSlice(group, x, n_classes, [n, positions], o, weight, "linear_cross_entropy",
-                    extra=[chunk_size or default])
-    # The same chunks on every rank: the smallest proposal (a host read of the exchanged
-    # sizes; on a GPU pass chunk_size to avoid its synchronisation).
-    chunk = chunk_size or int(sl.extra[:, 0].min())
-    sl.check_targets(target_k)
-    target_k = target_k.view(n, n_classes, positions) if target_k.is_floating_point() \
-        else target_k.view(n, positions)
-    rw = row_weight.view(n, positions) if row_weight is not None else None
-    return _VocabParallelLinearCrossEntropy.apply(x, w, b, sl, target_k, rw, loss_scale,
-                                                  o.reduction, positions, chunk, entropy)
+    sl = Slice.of(group, x, w.shape[0], n, "linear_cross_entropy")
+    if not target_k.is_floating_point():
+        sl.check_targets(target_k, o.ignore_index)
+        _check_weight(weight, sl)
+    inv_t = torch.ones(n, dtype=acc_dtype(x.dtype), device=x.device)
+    src = Head(x.detach(), w.detach(), b.detach() if b is not None else None, backend,
+               o.logit_scale, o.softcap, inv_t, chunk_size)
+    loss = CrossEntropyRows(sl, src, target_k, weight, row_weight, o, entropy)
+    scale = loss_scale if o.reduction != 0 else None
+    out, lse, ent = _VocabParallelCrossEntropy.apply(loss, scale, False, x, w, b)
+    return out, lse, ent if entropy else None
 
 
 # ------------------------------------------------------------------------------ log-probs
-# linear_log_probs with a process_group: linear_weight (and linear_bias) hold this rank's
-# slice of the vocabulary, input and target are replicated. Per chunk of rows each rank
-# folds its slice of z (fusedloss/log_probs.py's algebra) into a max, then the sums s, d,
-# q, sum z and the target's z; one MAX and one SUM all-reduce of those few numbers per row
-# give every rank the same outputs. The backward recomputes the chunk's slice of z, writes
-# its gradient, and all-reduces grad_input (the column-parallel head's).
-class LogProbsSlice:
-    """This rank's slice of the vocabulary: where it starts and how many classes there are
-    in all (device tensors: no host read), and the transform of its logits."""
+class LogProbsRows:
+    """log_probs' outputs over a vocab-parallel source (fusedloss/log_probs.py's algebra):
+    forward() gives the six outputs; coefs(g, h) the gradient's per-row g, k, h."""
 
-    def __init__(self, group, x, n_local, transform, n_rows, chunk_size, default_chunk):
-        self.group, self.transform = group, transform
-        world, rank = check_group(group, x, "linear_log_probs")
-        meta = exchange([n_local, n_rows, chunk_size or default_chunk], group, x.device)
-        check_agree(meta[:, 1:2], ["the number of rows"], "linear_log_probs")
-        sizes = meta[:, 0]
-        self.offset, self.n_classes, self.n_local = sizes[:rank].sum(), sizes.sum(), n_local
-        # The same chunks on every rank: the smallest proposal (a host read of the
-        # exchanged sizes; on a GPU pass chunk_size to spare that synchronisation).
-        self.chunk = chunk_size or int(meta[:, 2].min())
+    def __init__(self, sl, src, target, ignore_index, want):
+        self.sl, self.src, self.want, self.acc = sl, src, want, src.acc
+        self.tk, self.held, self.counted, self.bad = sl.targets(target, ignore_index)
+        self.target = target
 
-    def z(self, x, w, b, inv_t):
-        """This rank's slice of z for the rows x, in the accumulation dtype."""
-        logits = torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
-        return self.transform(logits.to(acc_dtype(x.dtype))) * inv_t[:, None]
+    def forward(self):
+        src, want = self.src, self.want
+        lse_r, ent_r, lsq_r, mean_r = src.stats(self.tk, want["entropy"],
+                                                want["log_sum_sq_probs"], want["mean_logits"])
+        z_t = torch.where(self.held, src.target_logit(self.tk), torch.zeros_like(lse_r))
+        sums = [mean_r * src.n_local] if mean_r is not None else []
+        lse, z_t, ent, lsq, sums = self.sl.combine(lse_r, z_t, ent_r, lsq_r, sums)
+        self.lse, self.ent = lse, ent
+        mean = sums[0] / (self.sl.n_classes.to(self.acc) if isinstance(
+            self.sl.n_classes, torch.Tensor) else self.sl.n_classes) if sums else None
+        top1 = self._top1(z_t) if self.want["is_top1"] else None
+        return z_t - lse, ent, lse, lsq, mean, top1
 
-    def held(self, target):
-        """(local index, whether this rank holds the target) of each row."""
-        local = target - self.offset
-        held = (local >= 0) & (local < self.n_local)
-        return local.clamp(0, max(self.n_local - 1, 0)), held
+    def _top1(self, z_t):
+        """Whether the target is the first index of the global max: no class beats z_t,
+        and none before t equals it (a torch pass over the slice, one MAX all-reduce)."""
+        beaten = torch.zeros(z_t.shape, dtype=torch.int32, device=z_t.device)
+        for rows, z in self.src.z_chunks():
+            idx = torch.arange(z.shape[1], device=z.device) + self.sl.offset
+            zt = z_t[rows, None]
+            before = idx[None, :] < self.target[rows, None]
+            beaten[rows] = ((z > zt) | ((z == zt) & before)).any(1).int()
+        dist.all_reduce(beaten, op=dist.ReduceOp.MAX, group=self.sl.group)
+        return beaten == 0
 
-    def stats(self, z, target, top1):
-        """Every rank's (lse, entropy, log_sum_sq, mean, z_t, is_top1) of the rows: two
-        all-reduces of a few numbers per row (three with is_top1)."""
-        m = z.amax(1) if self.n_local else z.new_full((z.shape[0],), float("-inf"))
-        top = m.clone()
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
-        shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        e = torch.exp(z - shift[:, None])
-        local, held = self.held(target)
-        z_t = z.gather(1, local[:, None]).squeeze(1) if self.n_local else torch.zeros_like(m)
-        sums = torch.stack([e.sum(1), torch.where(e > 0, e * (shift[:, None] - z), 0).sum(1),
-                            (e * e).sum(1), z.sum(1), torch.where(held, z_t, 0)])
-        dist.all_reduce(sums, group=self.group)
-        s, d, q, z_sum, z_t = sums
-        log_s = torch.log(s)
-        first = None
-        if top1:  # the first index of the global max: the smallest over the ranks that hold it
-            mine = (z == top[:, None]).int().argmax(1) + self.offset if self.n_local \
-                else torch.zeros_like(target)
-            first = torch.where(m == top, mine, self.n_classes)
-            dist.all_reduce(first, op=dist.ReduceOp.MIN, group=self.group)
-        return (shift + log_s, log_s + d / s, torch.log(q) - 2 * log_s,
-                z_sum / self.n_classes.to(z.dtype), z_t, first)
+    def coefs(self, grad_lp, grad_entropy):
+        G = grad_lp if grad_lp is not None else torch.zeros_like(self.lse)
+        g = torch.where(self.held, G, torch.zeros_like(G))
+        k = g - G  # the p coefficient k - g is -G on every rank
+        k = torch.where(self.bad, torch.full_like(k, float("nan")), k)
+        return g, k, grad_entropy, None, None
 
 
 class _VocabParallelLogProbs(torch.autograd.Function):
-    """(log_probs, entropy, lse, log_sum_sq, mean, is_top1) of every row, chunk by chunk;
-    the backward runs the chunks again with the upstream gradients."""
+    """(log_probs, entropy, lse, log_sum_sq_probs, mean_logits, is_top1) of a
+    vocab-parallel source; the backward runs the log-probs backward op once."""
 
     @staticmethod
-    def forward(ctx, x, w, b, sl, target, inv_t, want):
-        n = x.shape[0]
-        outs = [x.new_empty(n, dtype=acc_dtype(x.dtype)) for _ in range(5)]
-        top1 = torch.zeros(n, dtype=torch.bool, device=x.device)
-        for i in range(0, max(n, 1), sl.chunk):  # no rows: one empty chunk, still reduced
-            rows = slice(i, i + sl.chunk)
-            lse, ent, lsq, mean, z_t, first = sl.stats(
-                sl.z(x[rows], w, b, inv_t[rows]), target[rows], want["is_top1"])
-            for out, v in zip(outs, (z_t - lse, ent, lse, lsq, mean)):
-                out[rows] = v
-            if first is not None:
-                top1[rows] = first == target[rows]
-        ctx.save_for_backward(x, w, b, target, inv_t, outs[2], outs[1])
-        ctx.sl = sl
-        ctx.mark_non_differentiable(*outs[2:], top1)
+    def forward(ctx, rows, *tensors):
+        outs = list(rows.forward())
+        ctx.rows = rows
+        outs = [v if v is not None else rows.lse.new_empty((0,)) for v in outs[:5]] + \
+            [outs[5] if outs[5] is not None else torch.zeros(0, dtype=torch.bool,
+                                                              device=rows.lse.device)]
+        ctx.mark_non_differentiable(*outs[2:])
         ctx.set_materialize_grads(False)
-        return (*outs, top1)
+        return tuple(outs)
 
     @staticmethod
-    def backward(ctx, g, h, *unused):
+    def backward(ctx, grad_lp, grad_ent, *unused):
         first_order_only()
-        x, w, b, target, inv_t, lse, ent = ctx.saved_tensors
-        sl = ctx.sl
-        acc = lse.dtype
-        gx = torch.zeros(x.shape, dtype=acc, device=x.device)
-        gw = torch.zeros(w.shape, dtype=acc, device=w.device)
-        gb = torch.zeros(w.shape[0], dtype=acc, device=w.device) if b is not None else None
-        for i in range(0, x.shape[0], sl.chunk):
-            rows = slice(i, i + sl.chunk)
-            xc = x[rows]
-            logits = torch.mm(xc, w.t()) if b is None else torch.addmm(b, xc, w.t())
-            logits = logits.to(acc).requires_grad_()
-            with torch.enable_grad():  # d z / d logits through the transform, by autograd
-                z = sl.transform(logits) * inv_t[rows, None]
-            p = torch.exp(z.detach() - lse[rows, None])
-            dz = torch.zeros_like(p)
-            if g is not None:
-                local, held = sl.held(target[rows])
-                gc = g[rows].to(acc)
-                dz = dz - gc[:, None] * p
-                if sl.n_local:  # an empty slice holds no target
-                    dz.scatter_add_(1, local[:, None], torch.where(held, gc, 0)[:, None])
-            if h is not None:
-                terms = p * (z.detach() - lse[rows, None] + ent[rows, None])
-                dz = dz - h[rows].to(acc)[:, None] * torch.where(p > 0, terms, 0)
-            (dlogits,) = torch.autograd.grad(z, logits, dz)
-            gx[rows] = dlogits @ w.to(acc)
-            gw += dlogits.t() @ xc.to(acc)
-            if gb is not None:
-                gb += dlogits.sum(0)
-        all_reduce(gx, sl.group)  # every rank: the whole gradient of the replicated input
-        return (gx.to(x.dtype), gw.to(w.dtype), gb.to(b.dtype) if gb is not None else None,
-                None, None, None, None)
+        rows = ctx.rows
+        need = ctx.needs_input_grad[1:]
+        if grad_lp is None and grad_ent is None:
+            return (None, *(None,) * len(need))
+        # (an output not computed has no entries: under torch.compile its gradient may
+        # still come, as zeros of that empty shape)
+        h = grad_ent.to(rows.acc).contiguous() if grad_ent is not None and \
+            grad_ent.numel() else None
+        g_in = grad_lp.to(rows.acc) if grad_lp is not None else None
+        g, k, h, u, terms = rows.coefs(g_in, h)
+        ent = rows.ent if h is not None else None
+        if isinstance(rows.src, Head):
+            grads = list(rows.src.grad(rows.tk, rows.lse, ent, g, h, k, u, terms, need))
+            if rows.sl.reduce_input_grad and grads[0] is not None:
+                all_reduce(grads[0], rows.sl.group)
+        else:
+            grads = [rows.src.grad(rows.tk, rows.lse, ent, g, h, k, u, terms)]
+        return (None, *grads)
 
 
-def linear_log_probs(x, w, b, target, inv_t, transform, want, chunk_size, default_chunk,
-                     group):
+def _want(entropy, extras):
+    return dict({e: e in extras for e in ("log_sum_sq_probs", "mean_logits", "is_top1")},
+                entropy=entropy)
+
+
+def log_probs(x, target, inv_t, logit_scale, softcap, ignore_index, entropy, extras, group,
+              backend="auto"):
+    """Vocab-parallel log_probs of x (N, V_local), target (N,) global class indices,
+    inv_t (N,) each row's inverse temperature. Returns the six outputs (those not asked
+    for empty); ignored rows 0."""
+    sl = Slice.of(group, x, x.shape[1], x.shape[0], "log_probs")
+    sl.check_targets(target, ignore_index)
+    x = x.contiguous()
+    src = Rows(x.detach(), backend, logit_scale, softcap, inv_t)
+    rows = LogProbsRows(sl, src, target, ignore_index, _want(entropy, extras))
+    return _zero_ignored(_VocabParallelLogProbs.apply(rows, x), rows.counted)
+
+
+def linear_log_probs(x, w, b, target, inv_t, logit_scale, softcap, ignore_index, entropy,
+                     extras, chunk_size, group, backend="auto"):
     """Vocab-parallel linear log-probs: x (N, D) and target (N,) replicated, w (V_local, D)
-    and b this rank's slice; inv_t (N,) each row's inverse temperature. Returns the six
-    outputs of fusedloss.log_probs (all computed)."""
-    sl = LogProbsSlice(group, x, w.shape[0], transform, x.shape[0], chunk_size, default_chunk)
-    if target.device.type == "cpu":  # free to check on the CPU (a host sync elsewhere)
-        bad = (target < 0) | (target >= sl.n_classes)
-        if bool(bad.any()):
-            raise IndexError(f"target contains the class index {int(target[bad][0])}, "
-                             f"outside [0, {int(sl.n_classes)}) (the classes of every rank)")
-    return _VocabParallelLogProbs.apply(x, w, b, sl, target, inv_t, want)
+    and b this rank's slice."""
+    sl = Slice.of(group, x, w.shape[0], x.shape[0], "linear_log_probs")
+    sl.check_targets(target, ignore_index)
+    src = Head(x.detach(), w.detach(), b.detach() if b is not None else None, backend,
+               logit_scale, softcap, inv_t, chunk_size)
+    rows = LogProbsRows(sl, src, target, ignore_index, _want(entropy, extras))
+    return _zero_ignored(_VocabParallelLogProbs.apply(rows, x, w, b), rows.counted)
+
+
+def _zero_ignored(outs, counted):
+    """Ignored rows: 0 everywhere (and, through the where, no gradient)."""
+    return [torch.where(counted, v, torch.zeros_like(v)) if v.numel() else v
+            for v in outs[:5]] + [outs[5] & counted if outs[5].numel() else outs[5]]

@@ -106,10 +106,10 @@ def _log_probs_kernel(
 
 @triton.jit
 def _log_probs_grad_kernel(
-    x_ptr, grad_ptr, target_ptr, row_inv_temp_ptr, lse_ptr, ent_ptr, g_ptr, h_ptr,
-    N, V, ignore_index, inv_temperature: tl.float64, logit_scale: tl.float64,
+    x_ptr, grad_ptr, target_ptr, row_inv_temp_ptr, lse_ptr, ent_ptr, g_ptr, h_ptr, k_ptr,
+    u_ptr, N, V, ignore_index, inv_temperature: tl.float64, logit_scale: tl.float64,
     softcap: tl.float64, HAS_SOFTCAP: tl.constexpr, HAS_ROW_TEMP: tl.constexpr,
-    HAS_G: tl.constexpr, HAS_H: tl.constexpr,
+    HAS_G: tl.constexpr, HAS_H: tl.constexpr, HAS_K: tl.constexpr, HAS_U: tl.constexpr,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # Grid: cdiv(N, BLOCK_R); each program owns BLOCK_R whole rows. One pass: read x, write
@@ -127,6 +127,15 @@ def _log_probs_grad_kernel(
     if HAS_H:
         h = tl.load(h_ptr + rows, mask=live, other=0.0).to(ACC)
         ent = tl.load(ent_ptr + rows, mask=live, other=0.0).to(ACC)
+    # k and u: the upstream gradients of lse and mean_logits (dz += k p + u / V).
+    if HAS_K:
+        k = tl.load(k_ptr + rows, mask=live, other=0.0).to(ACC)
+    else:
+        k = tl.zeros([BLOCK_R], ACC)
+    if HAS_U:
+        u = tl.load(u_ptr + rows, mask=live, other=0.0).to(ACC) / V
+    else:
+        u = tl.zeros([BLOCK_R], ACC)
     # A target outside [0, V) that is not ignored: NaN, as its outputs.
     bad = tl.where(valid | ignored, 1.0, float("nan"))
     for start in range(0, V, BLOCK_V):
@@ -136,7 +145,8 @@ def _log_probs_grad_kernel(
         y = softcap_logits(x, ls, cap, HAS_SOFTCAP)
         z = y * inv_t[:, None]
         p = tl.exp(z - lse[:, None])
-        dz = g[:, None] * (tl.where(c[None, :] == t_safe[:, None], 1.0, 0.0) - p)
+        dz = g[:, None] * (tl.where(c[None, :] == t_safe[:, None], 1.0, 0.0) - p) + \
+            k[:, None] * p + u[:, None]
         if HAS_H:
             dz -= h[:, None] * tl.where(p > 0, p * (z - lse[:, None] + ent[:, None]), 0.0)
         dx = dz * inv_t[:, None] * softcap_logits_grad(y, ls, cap, HAS_SOFTCAP) * bad[:, None]
@@ -172,11 +182,12 @@ def _grad(a, x, grad):
     if x.shape[0] == 0:
         return
     grid, meta, scalars, flags = _common(a, x)
-    g, h = a.grad_log_probs, a.grad_entropy
+    g, h, k, u = a.grad_log_probs, a.grad_entropy, a.grad_lse, a.grad_mean_logits
     _log_probs_grad_kernel[grid](
         x, grad, a.target, a.row_inv_temperature if a.row_inv_temperature is not None else x,
-        a.lse, a.entropy if h is not None else a.lse, g if g is not None else a.lse,
-        h if h is not None else a.lse, *scalars, HAS_G=g is not None, HAS_H=h is not None,
+        a.lse, a.entropy if h is not None else a.lse,
+        *(v if v is not None else a.lse for v in (g, h, k, u)), *scalars,
+        HAS_G=g is not None, HAS_H=h is not None, HAS_K=k is not None, HAS_U=u is not None,
         **flags, **meta)
 
 

@@ -57,6 +57,18 @@ def kernel_backend(request):
 
 
 @pytest.fixture
+def cpu_backends():
+    """Every backend that runs on CPU tensors here, for the multi-process tests, which loop
+    over them in one spawn of their ranks (a required one missing fails)."""
+    missing = {b: _backends.unavailable_reason(b, torch.device("cpu")) for b in REQUIRED
+               if backend_device(b).type == "cpu"}
+    missing = {b: why for b, why in missing.items() if why is not None}
+    if missing:
+        pytest.fail(f"required backends unavailable on the CPU: {missing}")
+    return _backends.available_backends(torch.device("cpu"))
+
+
+@pytest.fixture
 def device(request):
     name = request.node.callspec.params.get("backend") or \
         request.node.callspec.params.get("kernel_backend")

@@ -55,14 +55,21 @@ def run_ranks(fn, world_size, *args, timeout=TIMEOUT_S):
         wait([p.sentinel for p in procs if p.is_alive()], timeout=0.2)
         while not done.empty():
             finished.add(done.get())
-        if any(p.exitcode not in (None, 0) for p in procs):
+        if any(p.exitcode not in (None, 0) for rank, p in enumerate(procs)
+               if rank not in finished):
             break
         if all(rank in finished or not p.is_alive() for rank, p in enumerate(procs)):
             for p in procs:
                 p.join(10)
             break
+    while not done.empty():
+        finished.add(done.get())
     hung = [p for rank, p in enumerate(procs) if p.is_alive() and rank not in finished]
-    bad = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+    # A rank that died after its work was done and checked (torch 2.14's FSDP2 on gloo
+    # sometimes aborts at interpreter exit: "terminate called without an active
+    # exception") is not a failure of the test.
+    bad = [p.exitcode for rank, p in enumerate(procs)
+           if p.exitcode not in (None, 0) and rank not in finished]
     for p in procs:
         if p.is_alive():
             p.kill()

@@ -20,7 +20,12 @@ def _slice(t, rank, world, dim=1):
     return t.narrow(dim, sum(sizes[:rank]), sizes[rank])
 
 
-def _vocab_parallel_ce(rank, world):
+def _vocab_parallel_ce(rank, world, backends):
+    for backend in backends:
+        _vocab_parallel_ce_on(rank, world, backend)
+
+
+def _vocab_parallel_ce_on(rank, world, backend):
     torch.manual_seed(0)  # the same tensors on every rank
     n, c, s = 9, sum(SLICES[world]), 2
     x = torch.randn(n, c, s, dtype=torch.float64) * 3
@@ -50,17 +55,48 @@ def _vocab_parallel_ce(rank, world):
                 local_t = _slice(target, rank, world) if target.is_floating_point() else target
                 ours, our_lse, our_ent = fusedloss.cross_entropy(
                     local, local_t, reduction=reduction, return_lse=True, return_entropy=True,
-                    process_group=group, **kwargs)
+                    process_group=group, backend=backend, **kwargs)
                 (ours * upstream).sum().backward()
                 assert_close(ours, expected)
                 assert_close(our_lse, lse)
                 assert_close(our_ent, ent)
                 assert_close(local.grad, _slice(full.grad, rank, world))
+                if reduction == "none":
+                    continue
+                # The entropy's gradient, and the gradient written over the logits.
+                full = x.clone().requires_grad_()
+                expected, ent = fusedloss.cross_entropy(
+                    full, target, reduction=reduction, return_entropy=True,
+                    backend="reference", **kwargs)
+                (expected * 0.7 + (ent * upstream).sum()).backward()
+                local = _slice(x, rank, world).clone().requires_grad_()
+                ours, our_ent = fusedloss.cross_entropy(
+                    local, local_t, reduction=reduction, return_entropy=True,
+                    process_group=group, backend=backend, **kwargs)
+                (ours * 0.7 + (our_ent * upstream).sum()).backward()
+                assert_close(local.grad, _slice(full.grad, rank, world))
+                logits = _slice(x, rank, world).clone().requires_grad_()
+                buf = logits * 1  # a non-leaf: its buffer becomes the gradient
+                ours = fusedloss.cross_entropy(buf, local_t, reduction=reduction,
+                                               inplace_backward=True, process_group=group,
+                                               backend=backend, **kwargs)
+                (ours * 0.7).backward()
+                assert_close(ours, expected)
+                assert_close(logits.grad,
+                             _slice(_grad_of(x, target, reduction, kwargs), rank, world) * 0.7)
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_vocab_parallel_cross_entropy(world):
-    run_ranks(_vocab_parallel_ce, world)
+def _grad_of(x, target, reduction, kwargs):
+    full = x.clone().requires_grad_()
+    fusedloss.cross_entropy(full, target, reduction=reduction, backend="reference",
+                            **kwargs).backward()
+    return full.grad
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_cross_entropy(world, cpu_backends):
+    """Every option, on each backend's kernels over the slices."""
+    run_ranks(_vocab_parallel_ce, world, cpu_backends)
 
 
 def _refusals(rank, world):
@@ -72,7 +108,7 @@ def _refusals(rank, world):
         fusedloss.cross_entropy(x, torch.tensor([0, 1, 2, 3]), weight=torch.rand(5),
                                 process_group=group)
     with pytest.raises(ValueError, match="backend"):
-        fusedloss.cross_entropy(x, torch.tensor([0, 1, 2, 3]), backend="cpu",
+        fusedloss.cross_entropy(x, torch.tensor([0, 1, 2, 3]), backend="fast",
                                 process_group=group)
     # Ranks that disagree on the rows get a clear error on every rank, not a hang.
     rows = 4 + rank
@@ -85,7 +121,12 @@ def test_bad_input_across_ranks():
     run_ranks(_refusals, 2)
 
 
-def _vocab_parallel_linear(rank, world):
+def _vocab_parallel_linear(rank, world, backends):
+    for backend in backends:
+        _vocab_parallel_linear_on(rank, world, backend)
+
+
+def _vocab_parallel_linear_on(rank, world, backend):
     torch.manual_seed(1)
     n, d, c = 11, 6, sum(SLICES[world])
     x = torch.randn(n, d, dtype=torch.float64)
@@ -114,7 +155,7 @@ def _vocab_parallel_linear(rank, world):
                 local_t = _slice(target, rank, world) if target.is_floating_point() else target
                 ours = fusedloss.linear_cross_entropy(
                     mine[0], mine[1], local_t, linear_bias=mine[2], reduction=reduction,
-                    process_group=group, **kwargs)
+                    process_group=group, backend=backend, **kwargs)
                 (ours * upstream).sum().backward()
                 assert_close(ours, expected)
                 assert_close(mine[0].grad, leaves[0].grad)  # all-reduced: the whole gradient
@@ -123,8 +164,8 @@ def _vocab_parallel_linear(rank, world):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_vocab_parallel_linear_cross_entropy(world):
-    run_ranks(_vocab_parallel_linear, world)
+def test_vocab_parallel_linear_cross_entropy(world, cpu_backends):
+    run_ranks(_vocab_parallel_linear, world, cpu_backends)
 
 
 def _info_nce(rank, world, exchange):
@@ -336,7 +377,12 @@ def test_a_failed_rank_ends_the_run_at_once():
 LOG_PROBS_SLICES = {1: [37], 2: [10, 27], 3: [2, 2, 0]}
 
 
-def _vocab_parallel_log_probs(rank, world):
+def _vocab_parallel_log_probs(rank, world, backends):
+    for backend in backends:
+        _vocab_parallel_log_probs_on(rank, world, backend)
+
+
+def _vocab_parallel_log_probs_on(rank, world, backend):
     torch.manual_seed(0)  # the same tensors on every rank
     sizes = LOG_PROBS_SLICES[world]
     n, d, v = 11, 6, sum(sizes)
@@ -360,7 +406,8 @@ def _vocab_parallel_log_probs(rank, world):
                 b[lo:hi].clone().requires_grad_()]
         ours = fusedloss.linear_log_probs(mine[0], mine[1], t, linear_bias=mine[2],
                                           return_entropy=True, extras=extras, chunk_size=4,
-                                          process_group=dist.group.WORLD, **kwargs)
+                                          process_group=dist.group.WORLD, backend=backend,
+                                          **kwargs)
         ((ours.log_probs * g).sum() + (ours.entropy * h).sum()).backward()
         for name in ("log_probs", "entropy", *extras[:-1]):
             assert_close(getattr(ours, name), getattr(expected, name))
@@ -368,19 +415,37 @@ def _vocab_parallel_log_probs(rank, world):
         assert_close(mine[0].grad, leaves[0].grad)
         assert_close(mine[1].grad, leaves[1].grad[lo:hi])
         assert_close(mine[2].grad, leaves[2].grad[lo:hi])
+        # From the slice's logits; log_probs alone, without the entropy.
+        logits = torch.nn.functional.linear(x, w, b)
+        full = logits.clone().requires_grad_()
+        expected = fusedloss.log_probs(full, t, extras=extras, return_entropy=True,
+                                       backend="reference", **kwargs)
+        (expected.log_probs * g).sum().backward()
+        local = logits[:, lo:hi].clone().requires_grad_()
+        ours = fusedloss.log_probs(local, t, extras=extras, process_group=dist.group.WORLD,
+                                   backend=backend, **kwargs)
+        (ours.log_probs * g).sum().backward()
+        assert ours.entropy is None
+        for name in ("log_probs", *extras[:-1]):
+            assert_close(getattr(ours, name), getattr(expected, name))
+        assert torch.equal(ours.is_top1, expected.is_top1)
+        assert_close(local.grad, full.grad[:, lo:hi])
     group = dist.group.WORLD
-    with pytest.raises(ValueError, match="backend"):
-        fusedloss.linear_log_probs(x, w[lo:hi], t, backend="cpu", process_group=group)
     with pytest.raises(IndexError, match="target"):  # past every rank's classes
         fusedloss.linear_log_probs(x, w[lo:hi], torch.full((n,), v), process_group=group)
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_vocab_parallel_linear_log_probs(world):
-    run_ranks(_vocab_parallel_log_probs, world)
+@pytest.mark.parametrize("world", [1, 3])
+def test_vocab_parallel_log_probs(world, cpu_backends):
+    run_ranks(_vocab_parallel_log_probs, world, cpu_backends)
 
 
-def _empty_class_slice(rank, world):
+def _empty_class_slice(rank, world, backends):
+    for backend in backends:
+        _empty_class_slice_on(rank, world, backend)
+
+
+def _empty_class_slice_on(rank, world, backend):
     """V=4 on 3 ranks splits 2/2/0, as DTensor's chunking does: the rank with no classes
     contributes nothing, and every rank gets the single-process loss and its gradients."""
     sizes = [2, 2, 0]
@@ -396,7 +461,8 @@ def _empty_class_slice(rank, world):
         expected = fusedloss.cross_entropy(full, t, backend="reference", **kwargs)
         expected.backward()
         local = x[:, lo:hi].clone().requires_grad_()
-        loss = fusedloss.cross_entropy(local, t, process_group=group, **kwargs)
+        loss = fusedloss.cross_entropy(local, t, process_group=group, backend=backend,
+                                       **kwargs)
         loss.backward()
         assert_close(loss, expected)
         assert_close(local.grad, full.grad[:, lo:hi])
@@ -404,15 +470,16 @@ def _empty_class_slice(rank, world):
         expected = fusedloss.linear_cross_entropy(*leaves, t, backend="reference", **kwargs)
         expected.backward()
         mine = [h.clone().requires_grad_(), w[lo:hi].clone().requires_grad_()]
-        loss = fusedloss.linear_cross_entropy(*mine, t, process_group=group, **kwargs)
+        loss = fusedloss.linear_cross_entropy(*mine, t, process_group=group, backend=backend,
+                                              **kwargs)
         loss.backward()
         assert_close(loss, expected)
         assert_close(mine[0].grad, leaves[0].grad)
         assert_close(mine[1].grad, leaves[1].grad[lo:hi])
 
 
-def test_empty_class_slice():
-    run_ranks(_empty_class_slice, 3)
+def test_empty_class_slice(cpu_backends):
+    run_ranks(_empty_class_slice, 3, cpu_backends)
 
 
 # ------------------------------------------------------------------------------ DTensor
@@ -600,3 +667,75 @@ def _dtensor_batch_sharded(rank, world):
 @pytest.mark.parametrize("world", [2, 4])
 def test_dtensor_batch_sharded(world):
     run_ranks(_dtensor_batch_sharded, world)
+
+
+# ------------------------------------------------------------------------------ compile
+def _graph_ops(found):
+    """An aot_eager-style backend that records every op of the forward and backward
+    graphs it is given."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def record(gm, example_inputs):
+        found.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+    return aot_autograd(fw_compiler=record, bw_compiler=record)
+
+
+HOST_READ = "aten._local_scalar_dense"
+
+
+def _compiled_without_host_reads(rank, world):
+    """torch.compile(fullgraph=True) of the process_group and DTensor paths: equal to
+    eager, and no op of the forward or backward graphs reads a tensor on the host (torch
+    2.14 traces .item() and int(tensor) into the graph as aten._local_scalar_dense rather
+    than breaking it, so that op is looked for directly)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    torch.manual_seed(0)
+    group = dist.group.WORLD
+    n, d, c = 6, 5, sum(SLICES[world])
+    lo, hi = sum(SLICES[world][:rank]), sum(SLICES[world][:rank + 1])
+    full = torch.randn(n, c, dtype=torch.float64)
+    x = full[:, lo:hi].contiguous()
+    h, w = torch.randn(n, d, dtype=torch.float64), torch.randn(c, d, dtype=torch.float64)
+    w = w[lo:hi].contiguous()
+    t = torch.randint(0, c, (n,))
+    t[1] = -100
+    weight = torch.rand(c, dtype=torch.float64) + 0.5
+    mesh = init_device_mesh("cpu", (world,))
+    logits = distribute_tensor(full, mesh, [Shard(1)])  # torch.chunk's slices: no exchange
+    cases = {
+        "cross_entropy": (lambda x: fusedloss.cross_entropy(
+            x, t, weight=weight, label_smoothing=0.1, z_loss=1e-3, process_group=group), x),
+        "linear_cross_entropy": (lambda h, w: fusedloss.linear_cross_entropy(
+            h, w, t, process_group=group, chunk_size=4), h, w),
+        "linear_log_probs": (lambda h, w: fusedloss.linear_log_probs(
+            h, w, t, return_entropy=True, process_group=group).entropy.sum(), h, w),
+        "log_probs": (lambda x: fusedloss.log_probs(x, t, process_group=group).sum(), x),
+        "DTensor logits": (lambda x: fusedloss.cross_entropy(x, t).to_local(), logits),
+    }
+    for name, (fn, *args) in cases.items():
+        eager_args = [a.detach().clone().requires_grad_() for a in args]
+        expected = fn(*eager_args)
+        expected.backward()
+        torch._dynamo.reset()
+        found = []
+        ours_args = [a.detach().clone().requires_grad_() for a in args]
+        got = torch.compile(fn, fullgraph=True, backend=_graph_ops(found))(*ours_args)
+        got.backward()
+        assert_close(got, expected)
+        for a, b in zip(ours_args, eager_args):
+            assert_close(a.grad, b.grad)
+        assert any("all_reduce" in op for op in found), (name, found)
+        assert not [op for op in found if HOST_READ in op], (name, sorted(set(found)))
+    # The check can fail: a planted host read is found.
+    torch._dynamo.reset()
+    found = []
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        torch.compile(lambda x: x.sum() * torch.ones(int(t.max())).sum(), fullgraph=True,
+                      backend=_graph_ops(found))(x.clone().requires_grad_()).backward()
+    assert [op for op in found if HOST_READ in op], found
+
+
+def test_compiled_without_host_reads():
+    run_ranks(_compiled_without_host_reads, 2)

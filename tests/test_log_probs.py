@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import fusedloss
 from fusedloss import _library
-from conftest import assert_close
+from conftest import assert_close, backend_device
 from contract import LossContract, Sample
 
 N, D, V = 23, 12, 41
@@ -202,6 +202,36 @@ def test_temperature_tensor_is_not_differentiated(backend, device):
                                                          requires_grad=True), backend=backend)
 
 
+@pytest.mark.parametrize("softcap", [0.0, 3.0])
+def test_grad_op_upstream_gradients_of_lse_and_mean(kernel_backend, softcap):
+    """The backward op with upstream gradients of all four row outputs (g, h, and the k
+    and u of lse and mean_logits that the vocab-parallel losses use), against autograd
+    through torch's log_softmax."""
+    device = backend_device(kernel_backend)
+    n, v = 6, 23
+    x = torch.randn(n, v, device=device, dtype=torch.float64) * 3
+    t = torch.randint(0, v, (n,), device=device)
+    t[2] = -100
+    inv_t = torch.rand(n, device=device, dtype=torch.float64) + 0.5
+    g, h, k, u = (torch.randn(n, device=device, dtype=torch.float64) for _ in range(4))
+    xr = x.clone().requires_grad_()
+    y = softcap * torch.tanh(1.2 * xr / softcap) if softcap else 1.2 * xr
+    z = y * inv_t[:, None]
+    logp = torch.log_softmax(z, -1)
+    counted = t != -100
+    lp = logp.gather(1, torch.where(counted, t, 0)[:, None])[:, 0]
+    ent = -(logp.exp() * logp).sum(-1)
+    lse, mean = torch.logsumexp(z, -1), z.mean(-1)
+    total = torch.where(counted, g * lp + h * ent + k * lse + u * mean, torch.zeros_like(g))
+    (expected,) = torch.autograd.grad(total.sum(), xr)
+    got = _library.OPS["log_probs_grad"].call(
+        kernel_backend, x=x, target=t, row_inv_temperature=inv_t, inv_temperature=1.0,
+        logit_scale=1.2, softcap=softcap, ignore_index=-100, lse=lse.detach(),
+        entropy=ent.detach(), grad_log_probs=g, grad_entropy=h, grad_lse=k,
+        grad_mean_logits=u)
+    assert_close(got, expected)
+
+
 def test_linear_memory_stays_chunked():
     """No allocation of the fused CPU path comes near the N x V logits: the largest is a
     chunk of logits or a gradient (the formula's whole logits show the check can fail)."""
@@ -310,7 +340,9 @@ class TestLogProbsContract(LossContract):
         lse = torch.logsumexp(x.detach(), -1)
         ent = torch.rand(7, device=device)
         grads = dict(lse=lse, entropy=ent, grad_log_probs=torch.randn(7, device=device),
-                     grad_entropy=torch.randn(7, device=device))
+                     grad_entropy=torch.randn(7, device=device),
+                     grad_lse=torch.randn(7, device=device),
+                     grad_mean_logits=torch.randn(7, device=device))
         per_row = dict(args, row_inv_temperature=torch.rand(7, device=device) + 0.5,
                        softcap=3.0)
         return [("log_probs", dict(args, x=x, **want)),
@@ -381,7 +413,8 @@ class TestLinearLogProbsContract(LossContract):
         lse = torch.logsumexp(F.linear(x, w, b), -1).detach()
         grads = dict(lse=lse, entropy=torch.rand(9, device=device),
                      grad_log_probs=torch.randn(9, device=device),
-                     grad_entropy=torch.randn(9, device=device))
+                     grad_entropy=torch.randn(9, device=device),
+                     grad_lse=torch.randn(9, device=device), grad_mean_logits=None)
         common = dict(input=x.requires_grad_(), linear_weight=w.requires_grad_(),
                       linear_bias=b.requires_grad_(), chunk_size=4, **args)
         detached = dict(common, input=x.detach(), linear_weight=w.detach(),

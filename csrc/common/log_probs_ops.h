@@ -112,6 +112,8 @@ void log_probs_grad_into(const A& a, const at::Tensor& grad, const char* op) {
   l.grad_log_probs = row(a.grad_log_probs, "grad_log_probs");
   l.grad_entropy = row(a.grad_entropy, "grad_entropy");
   l.entropy_in = row(a.entropy, "entropy");
+  l.grad_lse = row(a.grad_lse, "grad_lse");
+  l.grad_mean = row(a.grad_mean_logits, "grad_mean_logits");
   TORCH_CHECK(l.lse_in != nullptr, "fusedloss.", op, ": lse must hold one value per row");
   TORCH_CHECK(l.grad_entropy == nullptr || l.entropy_in != nullptr, "fusedloss.", op,
               ": a gradient for the entropy needs the entropy");

@@ -43,6 +43,8 @@ struct LogProbsArgs {
   const void* entropy_in;
   const void* grad_log_probs;
   const void* grad_entropy;
+  const void* grad_lse;              // k: dz_c += k p_c (the vocab-parallel losses)
+  const void* grad_mean;             // u: dz_c += u / V
 };
 
 // The two kernels over LogProbsArgs (cpu/kernel_registry.h's tags).
@@ -177,6 +179,8 @@ void LogProbsRow<scalar_t>::backward(int64_t r0, int64_t r1) const {
   const auto* ent_all = static_cast<const acc_t*>(a.entropy_in);
   const auto* g_lp = static_cast<const acc_t*>(a.grad_log_probs);
   const auto* g_ent = static_cast<const acc_t*>(a.grad_entropy);
+  const auto* g_lse = static_cast<const acc_t*>(a.grad_lse);
+  const auto* g_mean = static_cast<const acc_t*>(a.grad_mean);
 
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t t = a.target[r];
@@ -190,17 +194,20 @@ void LogProbsRow<scalar_t>::backward(int64_t r0, int64_t r1) const {
     const acc_t inv_t = row.inv_t(r), lse = lse_all[r];
     const acc_t g = g_lp ? g_lp[r] : acc_t(0), h = g_ent ? g_ent[r] : acc_t(0);
     const acc_t ent = g_ent ? ent_all[r] : acc_t(0);
+    const acc_t k = g_lse ? g_lse[r] : acc_t(0), u = g_mean ? g_mean[r] / acc_t(C) : acc_t(0);
     const acc_t bad = valid ? acc_t(1) : math::fl_nan<acc_t>();  // NaN, as the outputs
     // The target's logit, read before the sweep may overwrite x (in place).
     const scalar_t x_t = x[valid ? t : 0];
-    const V vg(g), vh(h), vlse(lse), vlse_h(lse - ent), vinv_t(inv_t), vscale(inv_t * bad);
+    const V vkg(k - g), vu(u), vh(h), vlse(lse), vlse_h(lse - ent), vinv_t(inv_t),
+        vscale(inv_t * bad);
     for (int64_t c = 0; c < C; c += L) {
       const int64_t n = std::min(L, C - c);
       const V yv = row.y(x + c, n);
       const V z = yv * vinv_t;
       const V p = softmax_exp(z - vlse);
-      // dz = -g p - h p (z - lse + H), without the target's [c == t] g (added below)
-      V dz = V(0) - vg * p;
+      // dz = (k - g) p + u - h p (z - lse + H), without the target's [c == t] g (added
+      // below)
+      V dz = vkg * p + vu;
       if (g_ent) dz = dz - vh * math::fl_select(p > V(0), p * (z - vlse_h), V(0));
       const V dx = dz * row.dy(yv) * vscale;
       if (n == L) store_acc(gx + c, dx); else store_acc(gx + c, dx, n);
@@ -208,7 +215,7 @@ void LogProbsRow<scalar_t>::backward(int64_t r0, int64_t r1) const {
     if (valid) {  // the target's element again, whole, in acc: one rounding
       const acc_t y_t = row.y_scalar(x_t), z_t = y_t * inv_t;
       const acc_t p_t = math::fl_exp(z_t - lse);
-      acc_t dz_t = g * (acc_t(1) - p_t);
+      acc_t dz_t = g * (acc_t(1) - p_t) + k * p_t + u;
       if (g_ent && p_t > acc_t(0)) dz_t -= h * p_t * (z_t - lse + ent);
       const acc_t q = y_t * row.inv_cap;
       const acc_t dy_t = row.capped ? row.ls * (acc_t(1) - q * q) : row.ls;

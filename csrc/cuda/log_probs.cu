@@ -153,11 +153,13 @@ __global__ void __launch_bounds__(kThreads) log_probs_backward_kernel(LogProbsAr
   const acc_t g = p.grad_log_probs ? static_cast<const acc_t*>(p.grad_log_probs)[r] : acc_t(0);
   const acc_t h = p.grad_entropy ? static_cast<const acc_t*>(p.grad_entropy)[r] : acc_t(0);
   const acc_t ent = p.grad_entropy ? static_cast<const acc_t*>(p.entropy_in)[r] : acc_t(0);
+  const acc_t k = p.grad_lse ? static_cast<const acc_t*>(p.grad_lse)[r] : acc_t(0);
+  const acc_t u = p.grad_mean ? static_cast<const acc_t*>(p.grad_mean)[r] / acc_t(C) : acc_t(0);
   const acc_t scale = valid ? inv_t : math::fl_nan<acc_t>();  // NaN, as the outputs
   for (int64_t c = threadIdx.x; c < C; c += kThreads) {
     const acc_t y = tf.y(static_cast<acc_t>(x[c])), z = y * inv_t;
     const acc_t pc = math::fl_exp(z - lse);
-    acc_t dz = g * ((c == t ? acc_t(1) : acc_t(0)) - pc);
+    acc_t dz = g * ((c == t ? acc_t(1) : acc_t(0)) - pc) + k * pc + u;
     if (p.grad_entropy && pc > acc_t(0)) dz -= h * pc * (z - lse + ent);
     gx[c] = static_cast<scalar_t>(dz * tf.dy(y) * scale);
   }
