@@ -1,5 +1,6 @@
-"""End to end: one training step (forward, backward, AdamW step) of a small Llama built from
-a config (no download), with its loss computed three ways:
+"""End to end: one training step (forward, backward, AdamW step) of a small Llama (or, with
+--model mixtral, a mixture of experts with its router's auxiliary loss on) built from a
+config (no download), with its loss computed three ways:
 
   hf                   transformers' own: the (B, T, V) logits, then ForCausalLMLoss
   hf-fusedloss-ce      fusedloss.integrations.transformers.apply(model, fused_linear=False):
@@ -9,6 +10,7 @@ a config (no download), with its loss computed three ways:
 
     python -m benchmarks.e2e                              # 8 x 512 tokens, D 256, 4 layers, V 32000
     python -m benchmarks.e2e --batch 2 --seq 256          # smaller
+    python -m benchmarks.e2e --model mixtral              # a mixture of experts
     python -m benchmarks --loss llama_step                # in the runner's table
 
 Here each provider runs in a fresh worker process (as the runner's cases do): the step
@@ -37,17 +39,17 @@ SIZES = {"batch": 8, "seq": 512, "hidden": 256, "layers": 4, "vocab": 32000}
 
 
 def measure_step(provider, *, batch, seq, hidden, layers, vocab, device="cpu",
-                 dtype="float32", steps=5, warmup=2):
+                 dtype="float32", steps=5, warmup=2, model="llama"):
     """In this process: step time and peak memory of `provider` (see the module docstring)."""
     import fusedloss.integrations.transformers  # noqa: F401  (imports: in the baseline)
     import transformers  # noqa: F401
     device, out = torch.device(device), {}
 
     def run():
-        model, optimizer = llama.build(provider, hidden=hidden, layers=layers, vocab=vocab,
-                                       seq=seq, device=device, dtype=dtype)
+        net, optimizer = llama.build(provider, hidden=hidden, layers=layers, vocab=vocab,
+                                     seq=seq, device=device, dtype=dtype, model=model)
         ids = llama.token_ids(batch, seq, vocab, device)
-        step = lambda: llama.train_step(model, optimizer, ids)  # noqa: E731
+        step = lambda: llama.train_step(net, optimizer, ids)  # noqa: E731
         measure.time_segments(device, warmup, lambda: None, step)
         (out["times"],) = measure.time_segments(device, steps, lambda: None, step)
 
@@ -108,15 +110,17 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS))
+    p.add_argument("--model", choices=llama.MODELS, default="llama",
+                   help="llama (default) or mixtral (4 experts, 2 per token, aux loss on)")
     args = p.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
     sizes = {name: getattr(args, name) for name in SIZES}
-    print(f"Llama training step: batch {args.batch} x seq {args.seq} tokens, hidden "
+    print(f"{args.model} training step: batch {args.batch} x seq {args.seq} tokens, hidden "
           f"{args.hidden}, {args.layers} layers, vocab {args.vocab}, {dtype} on {device}; "
           f"{args.steps} timed steps after {args.warmup}", flush=True)
     rows = run(args.providers, **sizes, device=device, dtype=dtype, steps=args.steps,
-               warmup=args.warmup)
+               warmup=args.warmup, model=args.model)
     print(table(rows))
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 

@@ -19,13 +19,23 @@ def _shape(hidden):
     return heads, heads, (8 * hidden // 3 + 63) // 64 * 64
 
 
-def config(hidden, layers, vocab, seq):
+# The models: Llama, and a mixture of experts of the same proportions (Mixtral: 4 experts
+# of which 2 per token, its router's auxiliary load-balancing loss added to the loss).
+MODELS = ("llama", "mixtral")
+
+
+def config(hidden, layers, vocab, seq, model="llama"):
     import transformers
     heads, kv_heads, intermediate = _shape(hidden)
-    return transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=seq, tie_word_embeddings=False)
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                  num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads, max_position_embeddings=seq,
+                  tie_word_embeddings=False)
+    if model == "mixtral":
+        return transformers.MixtralConfig(**common, num_local_experts=4,
+                                          num_experts_per_tok=2, output_router_logits=True,
+                                          router_aux_loss_coef=0.02)
+    return transformers.LlamaConfig(**common)
 
 
 def parameter_count(hidden, layers, vocab):
@@ -53,11 +63,12 @@ def step_min_bytes(batch, seq, hidden, layers, vocab, itemsize):
     return 10 * parameter_count(hidden, layers, vocab) * itemsize + 8 * batch * seq
 
 
-def build(patch, *, hidden, layers, vocab, seq, device, dtype):
+def build(patch, *, hidden, layers, vocab, seq, device, dtype, model="llama"):
     """The model (patched as PATCHES[patch] says) and its AdamW optimizer."""
     import transformers
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config(hidden, layers, vocab, seq))
+    cls = transformers.MixtralForCausalLM if model == "mixtral" else transformers.LlamaForCausalLM
+    model = cls(config(hidden, layers, vocab, seq, model))
     model = model.to(device=device, dtype=getattr(torch, dtype)).train()
     if PATCHES[patch] is not None:
         import fusedloss.integrations.transformers

@@ -410,9 +410,9 @@ PROVIDERS = [
     # Over `world` gloo ranks: fusedloss's process_group path, and gathering everything.
     Provider("fusedloss-dist", functools.partial(_dist_fusedloss, "auto"), _dist_unavailable,
              distributed=True),
-    # The same algorithm in torch ops (cross-entropy only; not by default).
+    # The same algorithm in torch ops (vocab-parallel cross-entropy only).
     Provider("fusedloss-dist-reference", functools.partial(_dist_fusedloss, "reference"),
-             _dist_reference_unavailable, distributed=True, default=False),
+             _dist_reference_unavailable, distributed=True),
     Provider("gather", _dist_gather, _dist_unavailable, distributed=True),
     # One training step of a small Llama, its loss three ways (llama.PATCHES).
     *[Provider(name, functools.partial(llama.runner_step, patch=name),

@@ -483,7 +483,7 @@ def test_empty_class_slice(cpu_backends):
 
 
 # ------------------------------------------------------------------------------ DTensor
-def _dtensor_cross_entropy(rank, world):
+def _dtensor_cross_entropy(rank, world, backends):
     """DTensor logits sharded on the classes (uneven and empty slices: V=5 on 2 ranks is
     3/2, V=4 on 3 ranks 2/2/0) or replicated: loss and gradients equal to one process, the
     loss a replicated DTensor, the gradient sharded as the logits; the refusals."""
@@ -496,18 +496,29 @@ def _dtensor_cross_entropy(rank, world):
     t = torch.tensor([0, 1, 2, 3, -100, 1]) % v
     t[4] = -100
     weight = torch.rand(v, dtype=torch.float64) + 0.5
-    for placement in (Shard(1), Replicate()):
+    for backend, placement in [(b, p) for b in backends for p in (Shard(1), Replicate())]:
         for kwargs in (dict(), dict(weight=weight, label_smoothing=0.1, z_loss=1e-2)):
             full = x.clone().requires_grad_()
             expected = fusedloss.cross_entropy(full, t, backend="reference", **kwargs)
             expected.backward()
             dx = distribute_tensor(x.clone(), mesh, [placement]).requires_grad_()
-            loss = fusedloss.cross_entropy(dx, t, **kwargs)
+            loss = fusedloss.cross_entropy(dx, t, backend=backend, **kwargs)
             assert isinstance(loss, DTensor) and loss.placements == (Replicate(),)
             loss.backward()
             assert_close(loss.full_tensor(), expected)
             assert dx.grad.placements == (placement,)
             assert_close(dx.grad.full_tensor(), full.grad)
+        # log_probs over the same logits, with the entropy and its gradient
+        full = x.clone().requires_grad_()
+        lp = fusedloss.log_probs(full, t, return_entropy=True, backend="reference")
+        (lp.log_probs.sum() + lp.entropy.sum()).backward()
+        dx = distribute_tensor(x.clone(), mesh, [placement]).requires_grad_()
+        out = fusedloss.log_probs(dx, t, return_entropy=True, backend=backend)
+        (out.log_probs.sum() + out.entropy.sum()).backward()
+        assert out.entropy.placements == (Replicate(),)
+        assert_close(out.log_probs.full_tensor(), lp.log_probs)
+        assert_close(out.entropy.full_tensor(), lp.entropy)
+        assert_close(dx.grad.full_tensor(), full.grad)
     dt = distribute_tensor(t, mesh, [Replicate()])  # a replicated DTensor target
     sharded = distribute_tensor(x.clone(), mesh, [Shard(1)])
     assert_close(fusedloss.cross_entropy(sharded, dt, reduction="sum").full_tensor(),
@@ -521,11 +532,11 @@ def _dtensor_cross_entropy(rank, world):
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_dtensor_cross_entropy(world):
-    run_ranks(_dtensor_cross_entropy, world)
+def test_dtensor_cross_entropy(world, cpu_backends):
+    run_ranks(_dtensor_cross_entropy, world, cpu_backends)
 
 
-def _dtensor_heads(rank, world):
+def _dtensor_heads(rank, world, backends):
     """A DTensor LM head: weight (and bias) Shard(0) on the vocabulary or replicated, the
     input replicated or sharded on its rows (sequence parallel). Loss, log-probs, entropy
     and every gradient equal to one process; gradients placed as their tensors; a plain
@@ -541,8 +552,8 @@ def _dtensor_heads(rank, world):
     t = torch.tensor([0, 1, 2, 3, -100, 1]) % v
     t[4] = -100
     g = torch.randn(n, dtype=torch.float64)
-    for w_place, x_place in ((Shard(0), Replicate()), (Shard(0), Shard(0)),
-                             (Replicate(), Replicate())):
+    for backend, w_place, x_place in [(bk, *places) for bk in backends for places in (
+            (Shard(0), Replicate()), (Shard(0), Shard(0)), (Replicate(), Replicate()))]:
         leaves = [a.clone().requires_grad_() for a in (x, w, b)]
         expected = fusedloss.linear_cross_entropy(leaves[0], leaves[1], t,
                                                   linear_bias=leaves[2], label_smoothing=0.1,
@@ -553,8 +564,10 @@ def _dtensor_heads(rank, world):
         dx = distribute_tensor(x.clone(), mesh, [x_place]).requires_grad_()
         dw = distribute_tensor(w.clone(), mesh, [w_place]).requires_grad_()
         db = distribute_tensor(b.clone(), mesh, [w_place]).requires_grad_()
-        loss = fusedloss.linear_cross_entropy(dx, dw, t, linear_bias=db, label_smoothing=0.1)
-        out = fusedloss.linear_log_probs(dx, dw, t, linear_bias=db, return_entropy=True)
+        loss = fusedloss.linear_cross_entropy(dx, dw, t, linear_bias=db, label_smoothing=0.1,
+                                              backend=backend)
+        out = fusedloss.linear_log_probs(dx, dw, t, linear_bias=db, return_entropy=True,
+                                         backend=backend)
         assert isinstance(loss, DTensor) and isinstance(out.entropy, DTensor)
         g_d = distribute_tensor(g, mesh, [Replicate()])
         (loss + (out.log_probs * g_d).sum() + out.entropy.sum()).backward()
@@ -573,8 +586,8 @@ def _dtensor_heads(rank, world):
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_dtensor_heads(world):
-    run_ranks(_dtensor_heads, world)
+def test_dtensor_heads(world, cpu_backends):
+    run_ranks(_dtensor_heads, world, cpu_backends)
 
 
 # ------------------------------------------------------------------------------ FSDP2
