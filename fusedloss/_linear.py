@@ -108,14 +108,19 @@ def in_forward_of(head, fn, input):
     forward replaced for the call. The hooks around a module's forward then see the head
     used, as for head(input): FSDP2 (fully_shard) all-gathers its weight before and
     reshards after, arms its backward to reduce-scatter the weight's gradient (and to
-    gather the weight again where the backward needs it); DeepSpeed ZeRO-3 and accelerate's
-    offload hooks gather and place it. The weight is read inside, where those hooks put it;
-    `head.weight.full_tensor()` outside would skip the data-parallel gradient reduction."""
+    gather the weight again where the backward needs it); DeepSpeed ZeRO-3 gathers it.
+    accelerate's hooks (add_hook_to_module: cpu_offload, dispatch_model, device_map) wrap
+    the forward itself, the original kept as `_old_forward`: that one is replaced, so
+    that its hook moves the input to the head's device and loads an offloaded weight.
+    The weight is read inside, where those hooks put it; `head.weight.full_tensor()`
+    outside would skip the data-parallel gradient reduction."""
     if not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise TypeError(f"head must be a module with a weight (an nn.Linear LM head), got "
                         f"{type(head).__name__}")
-    had = head.__dict__.get("forward")
-    head.forward = lambda x: fn(x, head.weight, getattr(head, "bias", None))
+    name = "_old_forward" if hasattr(head, "_hf_hook") and "_old_forward" in vars(head) \
+        else "forward"
+    had = head.__dict__.get(name)
+    setattr(head, name, lambda x: fn(x, head.weight, getattr(head, "bias", None)))
     try:
         return head(input)
     except AssertionError as e:  # torch's tensor-parallel output hook, on the scalar loss
@@ -129,6 +134,6 @@ def in_forward_of(head, fn, input):
             "the logits, so nothing is gathered)") from e
     finally:
         if had is None:
-            del head.forward
+            delattr(head, name)
         else:
-            head.forward = had
+            setattr(head, name, had)

@@ -256,6 +256,33 @@ def test_default_chunk_size():
     assert rows * 32000 * 4 <= 15 << 20  # one chunk of logits within its budget
 
 
+def test_lm_head_runs_accelerate_hooks():
+    """accelerate's hooks wrap a module's forward (add_hook_to_module): an offloaded head's
+    weight is on the meta device except inside its forward, where the hook loads it.
+    lm_head_cross_entropy runs the hook, once, and equals the loss and input gradient of
+    cross_entropy(head(x)); the hook offloads the weight again after."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    head = torch.nn.Linear(16, 40)
+    x = torch.randn(6, 16, requires_grad=True)
+    t = torch.tensor([3, -100, 39, 0, 7, 7])
+    expected = F.cross_entropy(head(x), t)
+    expected_grad, = torch.autograd.grad(expected, x)
+    weights = {k: v.detach().clone() for k, v in head.state_dict().items()}
+    hooks.add_hook_to_module(head, hooks.AlignDevicesHook(
+        execution_device="cpu", offload=True, weights_map=weights))
+    assert head.weight.is_meta
+    hooked = dict(vars(head))
+    loads = []
+    pre_forward = head._hf_hook.pre_forward
+    head._hf_hook.pre_forward = lambda *a, **k: loads.append(1) or pre_forward(*a, **k)
+    loss = fusedloss.lm_head_cross_entropy(head, x, t, chunk_size=4)
+    assert loads == [1] and head.weight.is_meta
+    assert_close(loss, expected)
+    assert_close(torch.autograd.grad(loss, x)[0], expected_grad)
+    for name in ("forward", "_old_forward"):  # the hook stays as it was
+        assert vars(head)[name] is hooked[name]
+
+
 class TestLinearCrossEntropyContract(LossContract):
     fn = fusedloss.linear_cross_entropy
     ops = ("linear_cross_entropy",)
