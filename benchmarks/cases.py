@@ -218,7 +218,9 @@ class LlamaStep(Case):
 #   large  size sweeps on top of that.
 # Sweeps with >= 3 sizes get plots of time and memory against that size.
 #   parallel  the vocab-parallel target: per rank of P=2 (one thread each) against one
-#          process (one thread) on one rank's slice of the classes.
+#          process (one thread) on one rank's slice of the classes, alone, and as
+#          "fusedloss-slice": every rank's single-device call on its slice at once (the
+#          same cores and memory bus shared as the vocab-parallel ranks share them).
 SUITE_NAMES = ("first", "full", "large", "parallel")
 FIRST_PROVIDERS = ("fusedloss", "torch")
 # Past one device, on this machine's cores (gloo ranks): vocab-parallel cross-entropy
@@ -270,7 +272,7 @@ SUITES = {
     ("cpu", "parallel"): [
         Case("cross_entropy", 4096, 16000, threads=1, providers=("fusedloss-cpu", "torch")),
         Case("cross_entropy", 4096, 32000, world=2, providers=(
-            "fusedloss-dist", "fusedloss-dist-reference", "gather")),
+            "fusedloss-dist", "fusedloss-slice", "fusedloss-dist-reference", "gather")),
     ],
     ("cpu", "large"): [
         *_grid("cross_entropy", [1024], [8192, 16384, 32000, 65536, 128256], ["float32"]),

@@ -316,6 +316,19 @@ def _dist_fusedloss(backend, case):
                              **case.loss_kwargs())
 
 
+def _dist_slice(case):
+    """Each rank's single-device fused call on its own slice of the logits, no collective
+    (its targets folded into the slice's classes): the per-rank baseline of the
+    vocab-parallel target, run as the ranks run, side by side on the same cores."""
+    import fusedloss
+    kwargs = case.loss_kwargs()
+
+    def fn(x, target):
+        local = torch.where(target == kwargs["ignore_index"], target, target % x.shape[1])
+        return fusedloss.cross_entropy(x, local, **kwargs)
+    return fn
+
+
 def _dist_gather(case):
     """The gather-everything baseline: all the logits (or keys and queries) on every rank,
     with gradients (torch.distributed.nn), then the single-device loss."""
@@ -414,6 +427,7 @@ PROVIDERS = [
     Provider("fusedloss-dist-reference", functools.partial(_dist_fusedloss, "reference"),
              _dist_reference_unavailable, distributed=True),
     Provider("gather", _dist_gather, _dist_unavailable, distributed=True),
+    Provider("fusedloss-slice", _dist_slice, _dist_reference_unavailable, distributed=True),
     # One training step of a small Llama, its loss three ways (llama.PATCHES).
     *[Provider(name, functools.partial(llama.runner_step, patch=name),
                _llama_step_unavailable, end_to_end=True) for name in llama.PATCHES],
