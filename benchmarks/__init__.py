@@ -12,5 +12,8 @@ the graph, function-level imports included, has no circle):
   __main__, e2e       the commands: the runner, and the Llama training step alone
 
 gpu_validate/ (the one-command GPU run) stands apart: it runs the runner as a command.
+So do the examples and tools, which import fusedloss only: distributed_example.py and
+fsdp_tp_example.py (torchrun scripts), torchtitan_loss.py (a loss for torchtitan's
+trainer), transformers_coverage.py (the README's table of transformers classes).
 The columns are explained in benchmarks/README.md.
 """
