@@ -209,8 +209,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     the whole gradient of the replicated input (as Megatron's column-parallel head). The
     logits stay chunked on each rank, which runs the chosen backend's log-probs kernels
     over its rows of the head (one pass for the statistics, one for the gradients); a few
-    numbers per row cross ranks, once for all the chunks (fusedloss/vocab_parallel.py). A
-    K-dimensional head is not supported there.
+    numbers per row cross ranks, once for all the chunks (fusedloss/vocab_parallel.py); a
+    K-dimensional head runs position by position.
 
     DTensor head (tensor parallel): linear_weight (and linear_bias) Shard(0) along one mesh
     dimension is vocab-parallel on that dimension's group; replicated, a local head. input
@@ -300,21 +300,30 @@ def lm_head_cross_entropy(head, input, target, **options):
 
 def _vocab_parallel(input, linear_weight, linear_bias, target, weight, token_weight, o,
                     chunk_size, return_lse, return_entropy, backend, group):
+    """The vocab-parallel loss, position by position for a K-dimensional head (each
+    position's rows of the head are a head of their own over the same input)."""
     if o.needs_reference:
         raise ValueError(f"{o.needs_reference} is not available with a process_group")
-    if linear_weight.dim() > 2:
-        raise NotImplementedError("linear_cross_entropy: a K-dimensional head (linear_weight "
-                                  "(C, d1, ..., dK, D)) is not supported with a process_group")
     x = input.reshape(-1, input.shape[-1])
+    n, c = x.shape[0], linear_weight.shape[0]
+    s = math.prod(linear_weight.shape[1:-1])
     target_k = target.to(input.dtype) if o.prob_target else target.reshape(-1).long()
     k = kernel_args(o, target_k, weight, token_weight, input)
-    chunk_size = chunk_size or default_chunk_size(x.shape[0], x.shape[1],
-                                                  linear_weight.shape[0], input.dtype,
+    w = linear_weight.reshape(c, s, x.shape[1])
+    b = linear_bias.reshape(c, s) if linear_bias is not None else None
+    t = target_k.reshape(n, c, s) if o.prob_target else target_k.view(n, s)
+    rw = k["row_weight"].view(n, s) if k["row_weight"] is not None else None
+    chunk_size = chunk_size or default_chunk_size(n, x.shape[1], c, input.dtype,
                                                   input.device.type)
-    loss, lse, entropy = vocab_parallel.linear_cross_entropy(
-        x, linear_weight, linear_bias, target_k.view(x.shape[0], -1) if o.prob_target
-        else target_k, weight, k["row_weight"], k["loss_scale"], o, chunk_size,
-        return_entropy, group, backend=backend)
+    group = vocab_parallel.Slice.of(group, x, c, n * s, "linear_cross_entropy")  # once
+    outs = [vocab_parallel.linear_cross_entropy(
+        x, w[:, i].contiguous(), b[:, i].contiguous() if b is not None else None, t[..., i],
+        weight, rw[:, i].contiguous() if rw is not None else None, k["loss_scale"], o,
+        chunk_size, return_entropy, group, backend=backend) for i in range(s)]
+    loss, lse, entropy = (
+        None if outs[0][j] is None else
+        torch.stack([out[j] for out in outs], 1).reshape(-1) if j or o.reduction == 0
+        else sum(out[j] for out in outs) for j in range(3))
     return with_extras(loss.to(_library.loss_dtype(input)), lse, entropy, o, return_lse,
                        return_entropy)
 

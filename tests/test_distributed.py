@@ -161,6 +161,33 @@ def _vocab_parallel_linear_on(rank, world, backend):
                 assert_close(mine[0].grad, leaves[0].grad)  # all-reduced: the whole gradient
                 assert_close(mine[1].grad, _slice(leaves[1].grad, rank, world, 0))
                 assert_close(mine[2].grad, _slice(leaves[2].grad, rank, world, 0))
+    # A K-dimensional head (C, 2, D): each position's rows a head of their own.
+    w2 = torch.randn(c, 2, d, dtype=torch.float64)
+    b2 = torch.randn(c, 2, dtype=torch.float64)
+    t2 = torch.randint(0, c, (n, 2))
+    t2[::3, 1] = -100
+    p2 = torch.softmax(torch.randn(n, c, 2, dtype=torch.float64), 1)
+    for target, kwargs in ((t2, dict(weight=weight, label_smoothing=0.1, z_loss=1e-2)),
+                           (p2, dict(label_smoothing=0.2))):
+        for reduction in ("mean", "none"):
+            leaves = [v.clone().requires_grad_() for v in (x, w2, b2)]
+            expected = fusedloss.linear_cross_entropy(
+                leaves[0], leaves[1], target, linear_bias=leaves[2], reduction=reduction,
+                backend="reference", **kwargs)
+            upstream = torch.rand_like(expected) + 0.5
+            (expected * upstream).sum().backward()
+            mine = [x.clone().requires_grad_(),
+                    _slice(w2, rank, world, 0).clone().requires_grad_(),
+                    _slice(b2, rank, world, 0).clone().requires_grad_()]
+            local_t = _slice(target, rank, world) if target.is_floating_point() else target
+            ours = fusedloss.linear_cross_entropy(
+                mine[0], mine[1], local_t, linear_bias=mine[2], reduction=reduction,
+                process_group=group, backend=backend, **kwargs)
+            (ours * upstream).sum().backward()
+            assert_close(ours, expected)
+            assert_close(mine[0].grad, leaves[0].grad)
+            assert_close(mine[1].grad, _slice(leaves[1].grad, rank, world, 0))
+            assert_close(mine[2].grad, _slice(leaves[2].grad, rank, world, 0))
 
 
 @pytest.mark.parametrize("world", [2, 3])
