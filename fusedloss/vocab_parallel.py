@@ -118,15 +118,16 @@ class Slice:
 
 
 # ------------------------------------------------------------------------------ sources
-class Rows:
-    """This rank's slice of logits x (N, V_local), contiguous, transformed as
-    z = inv_t softcap(logit_scale x) (inv_t: (N,) acc)."""
+class _Source:
+    """What a slice of classes shares, logits or rows of a head: its transform
+    z = inv_t softcap(logit_scale x) (inv_t: (N,) acc), the row ops' arguments, and the
+    statistics of step 1 (`run_stats`: the source's forward op)."""
 
-    def __init__(self, x, backend, logit_scale, softcap, inv_t):
-        self.x, self.logit_scale, self.softcap, self.inv_t = x, logit_scale, softcap, inv_t
+    def __init__(self, x, n_local, backend, op, logit_scale, softcap, inv_t):
+        self.x, self.n_local = x, n_local
+        self.logit_scale, self.softcap, self.inv_t = logit_scale, softcap, inv_t
         self.acc = acc_dtype(x.dtype)
-        self.name = _backends.resolve(_op("log_probs"), backend, x.device)
-        self.n_local = x.shape[1]
+        self.name = _backends.resolve(_op(op), backend, x.device)
 
     def _row_args(self, target):
         return dict(target=target, row_inv_temperature=self.inv_t, inv_temperature=1.0,
@@ -135,6 +136,11 @@ class Rows:
     def z(self, x, inv_t):
         return reference.transform_logits(x.to(self.acc), self.logit_scale,
                                           self.softcap) * inv_t[:, None]
+
+    def dz_dx(self, x, inv_t):
+        """dz/dx of the rows x, in acc."""
+        return reference.transform_grad(x.to(self.acc), self.logit_scale,
+                                        self.softcap) * inv_t[:, None]
 
     def stats(self, target, entropy, log_sum_sq, mean):
         """(lse_r, H_r, lsq_r, mean_r) of the slice's rows (None where not asked)."""
@@ -147,6 +153,13 @@ class Rows:
         outs = self.run_stats(target, entropy, log_sum_sq, mean)
         return outs[2], outs[1] if entropy else None, outs[3] if log_sum_sq else None, \
             outs[4] if mean else None
+
+
+class Rows(_Source):
+    """This rank's slice of logits x (N, V_local), contiguous."""
+
+    def __init__(self, x, backend, logit_scale, softcap, inv_t):
+        super().__init__(x, x.shape[1], backend, "log_probs", logit_scale, softcap, inv_t)
 
     def run_stats(self, target, entropy, log_sum_sq, mean):
         if self.name == "reference":
@@ -163,11 +176,14 @@ class Rows:
         x_t = self.x.gather(1, local.clamp(min=0)[:, None])
         return self.z(x_t, self.inv_t)[:, 0]
 
-    def z_chunks(self):
-        """(rows, the slice's z of those rows) chunk by chunk, for the torch passes."""
+    def row_chunks(self):
+        """Slices of rows holding about CHUNK_ELEMENTS of the slice, for the torch passes."""
         step = max(1, CHUNK_ELEMENTS // max(self.n_local, 1))
-        for i in range(0, self.x.shape[0], step):
-            rows = slice(i, i + step)
+        return [slice(i, i + step) for i in range(0, self.x.shape[0], step)]
+
+    def z_chunks(self):
+        """(rows, the slice's z of those rows) chunk by chunk."""
+        for rows in self.row_chunks():
             yield rows, self.z(self.x[rows], self.inv_t[rows])
 
     def grad(self, target, lse, ent, g, h, k, u, terms, inplace=False):
@@ -191,33 +207,20 @@ class Rows:
             grad[rows] -= dz.to(grad.dtype)
         return grad
 
-    def dz_dx(self, x, inv_t):
-        """dz/dx of the rows x, in acc."""
-        return reference.transform_grad(x.to(self.acc), self.logit_scale,
-                                        self.softcap) * inv_t[:, None]
-
     def _term_grads(self, terms):
         """(rows, a_c dz_c/dx_c) chunk by chunk."""
-        step = max(1, CHUNK_ELEMENTS // max(self.n_local, 1))
-        return [(slice(i, i + step), terms(slice(i, i + step)) *
-                 self.dz_dx(self.x[i:i + step], self.inv_t[i:i + step]))
-                for i in range(0, self.x.shape[0], step)]
+        return [(rows, terms(rows) * self.dz_dx(self.x[rows], self.inv_t[rows]))
+                for rows in self.row_chunks()]
 
 
-class Head:
+class Head(_Source):
     """This rank's rows W (V_local, D) (and b) of an LM head over the replicated input x
-    (N, D): the rows' z as Rows', their logits never whole (the linear ops' chunks)."""
+    (N, D), their logits never whole (the linear ops' chunks)."""
 
     def __init__(self, x, w, b, backend, logit_scale, softcap, inv_t, chunk_size):
-        self.x, self.w, self.b = x, w, b
-        self.logit_scale, self.softcap, self.inv_t = logit_scale, softcap, inv_t
-        self.chunk_size, self.acc = chunk_size, acc_dtype(x.dtype)
-        self.name = _backends.resolve(_op("linear_log_probs"), backend, x.device)
-        self.n_local = w.shape[0]
-
-    stats = Rows.stats
-    _row_args = Rows._row_args
-    z = Rows.z
+        super().__init__(x, w.shape[0], backend, "linear_log_probs", logit_scale, softcap,
+                         inv_t)
+        self.w, self.b, self.chunk_size = w, b, chunk_size
 
     def run_stats(self, target, entropy, log_sum_sq, mean):
         if self.name == "reference":
@@ -266,8 +269,7 @@ class Head:
             for i in range(0, self.x.shape[0], self.chunk_size):
                 rows = slice(i, i + self.chunk_size)
                 logits = F.linear(self.x[rows], self.w, self.b)
-                d = self._through_linear(terms(rows) * Rows.dz_dx(self, logits,
-                                                                  self.inv_t[rows]),
+                d = self._through_linear(terms(rows) * self.dz_dx(logits, self.inv_t[rows]),
                                          rows, want)
                 if gx is not None:
                     gx[rows] -= d[0]
@@ -307,7 +309,7 @@ class CrossEntropyRows:
             n = target.shape[0]
             self.tk = torch.zeros(n, dtype=torch.long, device=target.device)
             self.held = torch.zeros(n, dtype=torch.bool, device=target.device)
-            self.valid, self.bad = torch.ones_like(self.held), self.held
+            self.valid, self.bad = ~self.held, torch.zeros_like(self.held)  # every row counts
         else:
             self.tk, self.held, counted, self.bad = sl.targets(target, o.ignore_index)
             self.valid = counted & ~self.bad
@@ -341,14 +343,12 @@ class CrossEntropyRows:
                                             smooth_mean)
         z_t = torch.where(self.held, src.target_logit(self.tk), torch.zeros_like(lse_r))
         sums = []
-        if terms is not None:
-            az = torch.cat([(terms(rows) * z).sum(1) for rows, z in src.z_chunks()]) \
-                if src.n_local else torch.zeros_like(lse_r)
-            sums.append(az)
-            if self.prob:
-                sums.append(torch.cat([self.soft(slice(i, i + 4096)).sum(1) for i in
-                                       range(0, lse_r.shape[0], 4096)])
-                            if src.n_local else torch.zeros_like(lse_r))
+        if terms is not None:  # sum_c a_c z_c (and, for probability targets, sum_c a_c)
+            az, a_sum = torch.zeros_like(lse_r), torch.zeros_like(lse_r)
+            for rows, z in src.z_chunks():
+                a = terms(rows)
+                az[rows], a_sum[rows] = (a * z).sum(1), a.sum(1)
+            sums += [az, a_sum] if self.prob else [az]
         if smooth_mean:
             sums.append(mean_r * src.n_local)
         lse, z_t, ent, _, sums = self.sl.combine(lse_r, z_t, ent_r, None, sums)

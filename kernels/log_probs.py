@@ -105,6 +105,17 @@ def _log_probs_kernel(
 
 
 @triton.jit
+def _row_or_zero(ptr, rows, live, PRESENT: tl.constexpr, ACC: tl.constexpr,
+                 BLOCK_R: tl.constexpr):
+    """One value per row from ptr, or 0 where the argument is absent."""
+    if PRESENT:
+        v = tl.load(ptr + rows, mask=live, other=0.0).to(ACC)
+    else:
+        v = tl.zeros([BLOCK_R], ACC)
+    return v
+
+
+@triton.jit
 def _log_probs_grad_kernel(
     x_ptr, grad_ptr, target_ptr, row_inv_temp_ptr, lse_ptr, ent_ptr, g_ptr, h_ptr, k_ptr,
     u_ptr, N, V, ignore_index, inv_temperature: tl.float64, logit_scale: tl.float64,
@@ -120,22 +131,13 @@ def _log_probs_grad_kernel(
         softcap, HAS_ROW_TEMP, ACC, BLOCK_R)
     cols = tl.arange(0, BLOCK_V)
     lse = tl.load(lse_ptr + rows, mask=live, other=0.0).to(ACC)
-    if HAS_G:
-        g = tl.load(g_ptr + rows, mask=live, other=0.0).to(ACC)
-    else:
-        g = tl.zeros([BLOCK_R], ACC)
-    if HAS_H:
-        h = tl.load(h_ptr + rows, mask=live, other=0.0).to(ACC)
-        ent = tl.load(ent_ptr + rows, mask=live, other=0.0).to(ACC)
-    # k and u: the upstream gradients of lse and mean_logits (dz += k p + u / V).
-    if HAS_K:
-        k = tl.load(k_ptr + rows, mask=live, other=0.0).to(ACC)
-    else:
-        k = tl.zeros([BLOCK_R], ACC)
-    if HAS_U:
-        u = tl.load(u_ptr + rows, mask=live, other=0.0).to(ACC) / V
-    else:
-        u = tl.zeros([BLOCK_R], ACC)
+    # g, h, and k and u: the upstream gradients of log_probs, the entropy, lse and
+    # mean_logits (0 where absent)
+    g = _row_or_zero(g_ptr, rows, live, HAS_G, ACC, BLOCK_R)
+    h = _row_or_zero(h_ptr, rows, live, HAS_H, ACC, BLOCK_R)
+    ent = _row_or_zero(ent_ptr, rows, live, HAS_H, ACC, BLOCK_R)
+    k = _row_or_zero(k_ptr, rows, live, HAS_K, ACC, BLOCK_R)
+    u = _row_or_zero(u_ptr, rows, live, HAS_U, ACC, BLOCK_R) / V
     # A target outside [0, V) that is not ignored: NaN, as its outputs.
     bad = tl.where(valid | ignored, 1.0, float("nan"))
     for start in range(0, V, BLOCK_V):

@@ -126,6 +126,29 @@ def _vocab_parallel_linear(rank, world, backends):
         _vocab_parallel_linear_on(rank, world, backend)
 
 
+def _check_linear_slice(rank, world, x, w, b, target, reduction, backend, kwargs):
+    """linear_cross_entropy with this rank's rows of the head (w, b: the whole head, its
+    classes on dimension 0) equal to one process on the whole head: the loss, the whole
+    gradient of the input (all-reduced) and the gradients of the rank's rows."""
+    leaves = [v.clone().requires_grad_() for v in (x, w, b)]
+    expected = fusedloss.linear_cross_entropy(
+        leaves[0], leaves[1], target, linear_bias=leaves[2], reduction=reduction,
+        backend="reference", **kwargs)
+    upstream = torch.rand_like(expected) + 0.5
+    (expected * upstream).sum().backward()
+    mine = [x.clone().requires_grad_(), _slice(w, rank, world, 0).clone().requires_grad_(),
+            _slice(b, rank, world, 0).clone().requires_grad_()]
+    local_t = _slice(target, rank, world) if target.is_floating_point() else target
+    ours = fusedloss.linear_cross_entropy(
+        mine[0], mine[1], local_t, linear_bias=mine[2], reduction=reduction,
+        process_group=dist.group.WORLD, backend=backend, **kwargs)
+    (ours * upstream).sum().backward()
+    assert_close(ours, expected)
+    assert_close(mine[0].grad, leaves[0].grad)
+    assert_close(mine[1].grad, _slice(leaves[1].grad, rank, world, 0))
+    assert_close(mine[2].grad, _slice(leaves[2].grad, rank, world, 0))
+
+
 def _vocab_parallel_linear_on(rank, world, backend):
     torch.manual_seed(1)
     n, d, c = 11, 6, sum(SLICES[world])
@@ -139,28 +162,10 @@ def _vocab_parallel_linear_on(rank, world, backend):
     combos = [dict(), dict(weight=weight, label_smoothing=0.1, z_loss=1e-2, chunk_size=3),
               dict(softcap=4.0, logit_scale=1.3, token_weight=torch.rand(n, dtype=torch.float64),
                    chunk_size=5)]
-    group = dist.group.WORLD
     for target in (t, probs):
         for kwargs in combos:
             for reduction in ("mean", "sum", "none"):
-                leaves = [v.clone().requires_grad_() for v in (x, w, b)]
-                expected = fusedloss.linear_cross_entropy(
-                    leaves[0], leaves[1], target, linear_bias=leaves[2], reduction=reduction,
-                    backend="reference", **kwargs)
-                upstream = torch.rand_like(expected) + 0.5
-                (expected * upstream).sum().backward()
-                mine = [x.clone().requires_grad_(),
-                        _slice(w, rank, world, 0).clone().requires_grad_(),
-                        _slice(b, rank, world, 0).clone().requires_grad_()]
-                local_t = _slice(target, rank, world) if target.is_floating_point() else target
-                ours = fusedloss.linear_cross_entropy(
-                    mine[0], mine[1], local_t, linear_bias=mine[2], reduction=reduction,
-                    process_group=group, backend=backend, **kwargs)
-                (ours * upstream).sum().backward()
-                assert_close(ours, expected)
-                assert_close(mine[0].grad, leaves[0].grad)  # all-reduced: the whole gradient
-                assert_close(mine[1].grad, _slice(leaves[1].grad, rank, world, 0))
-                assert_close(mine[2].grad, _slice(leaves[2].grad, rank, world, 0))
+                _check_linear_slice(rank, world, x, w, b, target, reduction, backend, kwargs)
     # A K-dimensional head (C, 2, D): each position's rows a head of their own.
     w2 = torch.randn(c, 2, d, dtype=torch.float64)
     b2 = torch.randn(c, 2, dtype=torch.float64)
@@ -170,24 +175,7 @@ def _vocab_parallel_linear_on(rank, world, backend):
     for target, kwargs in ((t2, dict(weight=weight, label_smoothing=0.1, z_loss=1e-2)),
                            (p2, dict(label_smoothing=0.2))):
         for reduction in ("mean", "none"):
-            leaves = [v.clone().requires_grad_() for v in (x, w2, b2)]
-            expected = fusedloss.linear_cross_entropy(
-                leaves[0], leaves[1], target, linear_bias=leaves[2], reduction=reduction,
-                backend="reference", **kwargs)
-            upstream = torch.rand_like(expected) + 0.5
-            (expected * upstream).sum().backward()
-            mine = [x.clone().requires_grad_(),
-                    _slice(w2, rank, world, 0).clone().requires_grad_(),
-                    _slice(b2, rank, world, 0).clone().requires_grad_()]
-            local_t = _slice(target, rank, world) if target.is_floating_point() else target
-            ours = fusedloss.linear_cross_entropy(
-                mine[0], mine[1], local_t, linear_bias=mine[2], reduction=reduction,
-                process_group=group, backend=backend, **kwargs)
-            (ours * upstream).sum().backward()
-            assert_close(ours, expected)
-            assert_close(mine[0].grad, leaves[0].grad)
-            assert_close(mine[1].grad, _slice(leaves[1].grad, rank, world, 0))
-            assert_close(mine[2].grad, _slice(leaves[2].grad, rank, world, 0))
+            _check_linear_slice(rank, world, x, w2, b2, target, reduction, backend, kwargs)
 
 
 @pytest.mark.parametrize("world", [2, 3])
