@@ -11,6 +11,7 @@ eager PyTorch computed in float32, so it adds nothing to "torch" but time. Name 
 """
 import dataclasses
 import functools
+import importlib.machinery
 import importlib.util
 from typing import Callable, Optional
 
@@ -135,18 +136,31 @@ def _trl_unavailable(device_type, case):
 
 
 def verl_module(relative):
-    """A module of the installed verl, loaded from its file without importing verl itself
-    (its __init__ needs ray); None where verl is not installed."""
+    """A module of the installed verl (relative: its name under verl), None where verl is
+    not installed. verl's own __init__ needs ray, a dependency of its trainer, not of its
+    kernels: where it does not import, verl and verl.utils stand in as bare packages over
+    the installed files, so that the module and what it imports (verl.utils.device,
+    verl.plugin) load unchanged."""
     spec = importlib.util.find_spec("verl")
     if spec is None:
         return None
+    name = f"verl.{relative}"
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        pass
     import pathlib
-    path = pathlib.Path(spec.submodule_search_locations[0], *relative.split(".")) \
-        .with_suffix(".py")
-    module_spec = importlib.util.spec_from_file_location(f"_verl_{path.stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
+    import sys
+    import types
+    for stale in [m for m in sys.modules if m == "verl" or m.startswith("verl.")]:
+        del sys.modules[stale]  # what the failed import left
+    root = pathlib.Path(spec.submodule_search_locations[0])
+    for package, path in (("verl", root), ("verl.utils", root / "utils")):
+        module = types.ModuleType(package)
+        module.__spec__ = importlib.machinery.ModuleSpec(package, None, is_package=True)
+        module.__path__ = module.__spec__.submodule_search_locations = [str(path)]
+        sys.modules[package] = module
+    return importlib.import_module(name)
 
 
 def _verl_torch(case):
@@ -167,9 +181,9 @@ def _verl_unavailable(device_type, case):
 
 
 def _verl_triton(case):
-    from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy
+    kernel = verl_module("utils.kernel.linear_cross_entropy").linear_cross_entropy
     t = float(case.loss_kwargs()["temperature"])
-    return lambda x, w, target: rl_objective(*linear_cross_entropy(x, w, target, t, "none"))
+    return lambda x, w, target: rl_objective(*kernel(x, w, target, t, "none"))
 
 
 def _verl_triton_unavailable(device_type, case):
@@ -179,10 +193,10 @@ def _verl_triton_unavailable(device_type, case):
     if why is None and case.d % 128:
         return "verl's Triton kernel needs a hidden size that is a multiple of 128"
     if why is None:
-        try:  # the package's __init__ needs ray and verl's own dependencies
-            import verl.utils.kernel.linear_cross_entropy  # noqa: F401
+        try:
+            verl_module("utils.kernel.kernels")
         except Exception as exc:  # noqa: BLE001 (any import failure is a reason not to run)
-            return f"verl does not import here ({type(exc).__name__}: {exc})"
+            return f"verl's kernel does not import here ({type(exc).__name__}: {exc})"
     return why
 
 

@@ -1,5 +1,6 @@
 """Multi-process tests on gloo over 127.0.0.1: each test spawns its ranks itself, every run
-bounded by a timeout, so that a hang fails instead of stalling CI."""
+bounded by a timeout, so that a hang fails instead of stalling CI. (tests/test_gpu.py runs
+one rank of an NCCL group the same way.)"""
 import datetime
 import os
 import socket
@@ -19,11 +20,15 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _entry(fn, rank, world_size, port, errors, done, args):
+def _entry(fn, rank, world_size, port, errors, done, args, group_backend):
     import torch.distributed as dist
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # as conftest: Triton on CPU tensors
+    if group_backend == "gloo":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # as conftest: Triton on CPU tensors
+    else:  # nccl: a GPU a rank
+        import torch
+        torch.cuda.set_device(rank)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+        dist.init_process_group(group_backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world_size,
                                 timeout=datetime.timedelta(seconds=TIMEOUT_S // 2))
         try:
@@ -36,13 +41,15 @@ def _entry(fn, rank, world_size, port, errors, done, args):
         raise
 
 
-def run_ranks(fn, world_size, *args, timeout=TIMEOUT_S):
-    """Run fn(rank, world_size, *args) on `world_size` spawned ranks of a gloo group;
-    fail with the first rank's traceback, or when they have not all ended in `timeout`."""
+def run_ranks(fn, world_size, *args, timeout=TIMEOUT_S, group_backend="gloo"):
+    """Run fn(rank, world_size, *args) on `world_size` spawned ranks of a gloo (or, with
+    group_backend="nccl", an NCCL) group; fail with the first rank's traceback, or when they
+    have not all ended in `timeout`."""
     ctx = mp.get_context("spawn")
     errors, done = ctx.SimpleQueue(), ctx.SimpleQueue()
     port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, rank, world_size, port, errors, done, args),
+    procs = [ctx.Process(target=_entry, args=(fn, rank, world_size, port, errors, done, args,
+                                               group_backend),
                          daemon=True) for rank in range(world_size)]
     for p in procs:
         p.start()

@@ -20,7 +20,10 @@ PYTEST = (PY, "-m", "pytest", "-p", "no:cacheprovider")
 # the commands run in ROOT, so `-m` finds the package there.
 INTERNAL = (PY, "-m", "benchmarks.gpu_validate", "--internal")
 DEFAULT_ARCHS = "9.0"
-PEERS = {"liger-kernel": "liger_kernel", "cut-cross-entropy": "cut_cross_entropy"}
+# The peers the benchmarks compare with, carried as wheels (pip name: the module the
+# providers import; verl's through benchmarks.providers.verl_module, without ray).
+PEERS = {"liger-kernel": "liger_kernel", "cut-cross-entropy": "cut_cross_entropy",
+         "trl": "trl.kernels", "verl": "verl.utils.kernel.linear_cross_entropy"}
 
 PASS, FAIL, TIMEOUT, SKIP, ABSENT, NOT_RUN, DRY_OK = (
     "pass", "fail", "timeout", "skip", "absent", "not run", "dry ok")

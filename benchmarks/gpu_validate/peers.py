@@ -1,5 +1,5 @@
-"""Step peers: liger-kernel and cut-cross-entropy from the wheels folder, never from the
-network, into a scratch folder that later steps see through PYTHONPATH (optional)."""
+"""Step peers: liger-kernel, cut-cross-entropy, TRL and verl from the wheels folder, never
+from the network, into a scratch folder that later steps see through PYTHONPATH (optional)."""
 import os
 
 from .common import DRY_OK, FAIL, PASS, PEERS, PY, SKIP, TIMEOUT, shown, stopped
@@ -32,9 +32,13 @@ def step_peers(ctx, step):
     ctx.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site),
                                                           ctx.env.get("PYTHONPATH")]))
     probe = ("import importlib, importlib.metadata as m\n"
+             "from benchmarks.providers import verl_module\n"
              f"for dist, mod in {PEERS!r}.items():\n"
              "    try:\n"
-             "        importlib.import_module(mod)\n"
+             "        if mod.startswith('verl.'):\n"
+             "            verl_module(mod[len('verl.'):])\n"
+             "        else:\n"
+             "            importlib.import_module(mod)\n"
              "        print(f'{dist}: {m.version(dist)} importable')\n"
              "    except Exception as e:\n"
              "        print(f'{dist}: not importable ({type(e).__name__}: {e})')\n")
@@ -46,7 +50,8 @@ def step_peers(ctx, step):
     found = {ln.split(":")[0]: ln for ln in log.read_text().splitlines()
              if ln.split(":")[0] in PEERS}
     for dist, mod in PEERS.items():
-        carried = any(w.name.lower().startswith(mod + "-") for w in wheels)
+        carried = any(w.name.lower().startswith(dist.replace("-", "_") + "-")
+                      for w in wheels)
         line = found.get(dist, f"{dist}: not probed")
         if carried and "not importable" in line:
             broken.append(dist)
