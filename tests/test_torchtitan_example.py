@@ -102,6 +102,12 @@ def test_lm_head_cross_entropy_sum_matches_torch(options):
     assert_close(head.weight.grad, ref_head.weight.grad)
 
 
+def local_grad(leaf):
+    """This rank's part of a DTensor leaf's gradient, placed as the leaf (torch 2.11's
+    AccumulateGrad makes the .grad of an unevenly sharded leaf Replicate)."""
+    return leaf.grad.redistribute(leaf.device_mesh, leaf.placements).to_local()
+
+
 def _dtensor_ranks(rank, world):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -122,7 +128,7 @@ def _dtensor_ranks(rank, world):
     assert not isinstance(loss, DTensor)
     assert_close(loss, want)
     (loss / 7).backward()
-    assert_close(pred.grad.to_local(), full.grad[..., lo:hi] / 7)
+    assert_close(local_grad(pred), full.grad[..., lo:hi] / 7)
 
     # The same slice as a plain tensor with a process group (torchtitan's spmd_types).
     local = leaf(logits[..., lo:hi])
@@ -144,7 +150,7 @@ def _dtensor_ranks(rank, world):
     assert_close(loss.full_tensor(), want)
     (loss / 7).backward()  # the trainer's: divided by the global token count
     want_part.backward()
-    assert_close(pred.grad.to_local(), part.grad / 7)
+    assert_close(local_grad(pred), part.grad / 7)
 
     # Batch and classes on a 2-D mesh (data parallel of 1 x tensor parallel of 2).
     mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))
@@ -154,7 +160,7 @@ def _dtensor_ranks(rank, world):
     assert loss.placements == (Partial(), Replicate())
     assert_close(loss.to_local(), want)
     loss.backward()
-    assert_close(pred.grad.to_local(), full.grad[..., lo:hi])
+    assert_close(local_grad(pred), full.grad[..., lo:hi])
     with pytest.raises(ValueError, match="labels must be placed"):
         tl.cross_entropy_sum(pred, distribute_tensor(labels, mesh, [Replicate(), Replicate()]))
     with pytest.raises(ValueError, match="not both"):
@@ -184,7 +190,7 @@ def _dtensor_ranks(rank, world):
     assert_close(loss, want)
     loss.backward()
     assert_close(mine.grad.full_tensor(), ref_hidden.grad)
-    assert_close(head.weight.grad.to_local(), ref_head.weight.grad[lo:hi])
+    assert_close(local_grad(head.weight), ref_head.weight.grad[lo:hi])
     with pytest.raises(NotImplementedError, match="replicated"):
         tl.lm_head_cross_entropy_sum(head, distribute_tensor(hidden, tp, [Shard(0)]), labels)
 
@@ -299,7 +305,7 @@ def _titan_ranks(rank, world):
             pred = make_pred()
             loss, _ = fn(pred, make_labels(), tokens)
             loss.backward()
-            grad = pred.grad.to_local() if isinstance(pred, DTensor) else pred.grad
+            grad = local_grad(pred) if isinstance(pred, DTensor) else pred.grad
             out.append((loss, grad))
         (loss, grad), (their_loss, their_grad) = out
         assert type(loss) is type(their_loss)
